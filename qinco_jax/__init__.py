@@ -1,0 +1,27 @@
+"""qinco_jax: QINCo residual quantization with implicit neural codebooks, in JAX/Flax.
+
+Public API:
+  QincoConfig, Codec            architecture and trained codec (params + data scale)
+  init_codec(cfg, xt)           RQ-initialised codec, ready to train
+  encode(codec, x) / decode(codec, codes)
+  save(codec, path) / load(path)   orbax directories, training workdirs and official .pt files
+"""
+
+from qinco_jax.checks import QincoInputError
+from qinco_jax.checkpoint import CheckpointError, load, save
+from qinco_jax.codec import Codec, decode, encode, encode_with_error, init_codec
+from qinco_jax.model import QincoConfig
+
+__all__ = [
+    "CheckpointError",
+    "Codec",
+    "QincoConfig",
+    "QincoInputError",
+    "decode",
+    "encode",
+    "encode_with_error",
+    "init_codec",
+    "load",
+    "save",
+]
+__version__ = "0.1.0"

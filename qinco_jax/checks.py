@@ -1,0 +1,68 @@
+"""Input validation with errors that name the problem (never a trace from inside XLA)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class QincoInputError(ValueError):
+    """Bad vectors, codes or files given to qinco_jax."""
+
+
+def vectors(x, d: int | None, what: str = "x") -> np.ndarray:
+    """Check the shape and dtype of a (n, d) real matrix; returns it as an ndarray (memmaps stay memmaps)."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as e:  # ragged lists and the like
+            raise QincoInputError(f"{what} cannot be read as a matrix: {e}") from None
+    if x.dtype.kind not in "uif":
+        raise QincoInputError(f"{what} must hold real numbers, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise QincoInputError(f"{what} must be a 2-D array (n, d), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise QincoInputError(f"{what} is empty (0 vectors)")
+    if d is not None and x.shape[1] != d:
+        raise QincoInputError(f"{what} has dimension {x.shape[1]}, the model expects d={d}")
+    return x
+
+
+def finite_chunk(chunk: np.ndarray, offset: int, what: str = "x") -> None:
+    """Raise naming the first row (global index) holding NaN or inf."""
+    if chunk.dtype.kind == "f":
+        ok = np.isfinite(chunk).all(axis=1)
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            raise QincoInputError(
+                f"{what} has {bad.size} row(s) with NaN or inf values; first bad row is {offset + int(bad[0])}"
+            )
+
+
+def codes(c, K: int, M: int) -> np.ndarray:
+    """Check a (n, m) integer code matrix with 1 <= m <= M and entries in [0, K)."""
+    c = np.asarray(c)
+    if c.dtype.kind not in "ui":
+        raise QincoInputError(f"codes must be integers, got dtype {c.dtype}")
+    if c.ndim != 2:
+        raise QincoInputError(f"codes must be a 2-D array (n, m), got shape {c.shape}")
+    if c.shape[0] == 0:
+        raise QincoInputError("codes is empty (0 vectors)")
+    if not 1 <= c.shape[1] <= M:
+        raise QincoInputError(f"codes must have between 1 and M={M} columns, got {c.shape[1]}")
+    lo, hi = int(c.min()), int(c.max())
+    if lo < 0 or hi >= K:
+        bad = np.flatnonzero(((c < 0) | (c >= K)).any(axis=1))[0]
+        raise QincoInputError(
+            f"codes out of range [0, {K}): min {lo}, max {hi}; first bad row is {int(bad)}"
+        )
+    return c
+
+
+def batch_size(bs, what: str = "batch_size") -> int:
+    if isinstance(bs, bool) or not isinstance(bs, (int, np.integer)) or bs < 1:
+        raise QincoInputError(f"{what} must be a positive int, got {bs!r}")
+    return int(bs)
+
+
+class CheckpointError(QincoInputError):
+    """A file or directory that is not a loadable codec (missing, damaged, unknown or unsafe)."""

@@ -1,0 +1,250 @@
+"""The codec object and streaming, jit-compiled greedy encode / decode in raw units."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qinco_jax import checks
+from qinco_jax.model import Qinco, QincoConfig
+from qinco_jax.progress import Progress
+
+# Vectors per jitted call, and per inner sub-batch: the inner (sub, K, max(d, h)) activations stay
+# cache-sized while the outer chunk amortises dispatch. Chosen by eval/bench_codec.py (see README).
+DEFAULT_CHUNK = 4096
+SUB_ELEMS = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Codec:
+    """A trained QINCo codec: architecture, parameters (scaled domain) and the data scale.
+
+    Inputs are divided by `scale` before the model sees them; reconstructions are multiplied back.
+    """
+
+    config: QincoConfig
+    params: Any
+    scale: float
+
+    def __post_init__(self):
+        if not isinstance(self.config, QincoConfig):
+            raise TypeError(f"config must be a QincoConfig, got {type(self.config).__name__}")
+        s = float(self.scale)
+        if not np.isfinite(s) or s <= 0:
+            raise ValueError(f"scale must be a positive finite number, got {self.scale!r}")
+        object.__setattr__(self, "scale", s)
+        check_params(self.config, self.params)
+
+
+def param_shapes(cfg: QincoConfig) -> dict:
+    """The expected parameter tree as shapes (no computation)."""
+    variables = jax.eval_shape(
+        lambda: Qinco(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.d)), method=Qinco.encode)
+    )
+    return jax.tree.map(lambda a: tuple(a.shape), variables["params"])
+
+
+def check_params(cfg: QincoConfig, params) -> None:
+    """Raise a ValueError naming the first parameter whose presence or shape is wrong."""
+    want = param_shapes(cfg)
+    got_leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    want_leaves = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0])
+    name = lambda p: "/".join(str(getattr(k, "key", k)) for k in p)  # noqa: E731
+    got = {name(p): v for p, v in got_leaves.items()}
+    for p, shape in want_leaves.items():
+        n = name(p)
+        if n not in got:
+            raise ValueError(f"parameter {n} is missing for {cfg}")
+        if tuple(np.shape(got[n])) != shape:
+            raise ValueError(f"parameter {n} has shape {tuple(np.shape(got[n]))}, expected {shape} for {cfg}")
+    extra = set(got) - {name(p) for p in want_leaves}
+    if extra:
+        raise ValueError(f"unexpected parameters for {cfg}: {sorted(extra)[:5]}")
+
+
+def init_params(cfg: QincoConfig, key: jax.Array) -> dict:
+    """Random parameters: codebooks N(0, 1), linear layers as torch.nn.Linear's default init."""
+    return Qinco(cfg).init(key, jnp.zeros((1, cfg.d)), method=Qinco.encode)["params"]
+
+
+def with_codebooks(params: dict, codebooks: np.ndarray) -> dict:
+    """Replace the M codebooks (M, K, d) of a parameter tree (scaled domain)."""
+    params = jax.tree.map(lambda a: a, params)  # shallow copy of the containers
+    params = dict(params)
+    params["codebook0"] = jnp.asarray(codebooks[0], jnp.float32)
+    for m in range(1, codebooks.shape[0]):
+        step = dict(params[f"step_{m}"])
+        step["codebook"] = jnp.asarray(codebooks[m], jnp.float32)
+        params[f"step_{m}"] = step
+    return params
+
+
+def _sub_batch(cfg: QincoConfig, chunk: int) -> int:
+    return min(chunk, max(1, SUB_ELEMS // (cfg.K * max(cfg.d, cfg.h))))
+
+
+def _encode_chunk(cfg: QincoConfig, requested: int | None, n: int) -> int:
+    """Vectors per jitted encode call: at most the request, a multiple of the inner sub-batch."""
+    chunk = min(checks.batch_size(requested or DEFAULT_CHUNK), n)
+    sub = _sub_batch(cfg, chunk)
+    return -(-chunk // sub) * sub
+
+
+@functools.lru_cache(maxsize=64)
+def _encode_fn(cfg: QincoConfig, chunk: int):
+    model, sub = Qinco(cfg), _sub_batch(cfg, chunk)
+
+    def one(params, x_BD):
+        codes, xhat = model.apply({"params": params}, x_BD, method=Qinco.encode)
+        return codes, jnp.sum(jnp.square(xhat - x_BD), axis=-1)
+
+    def run(params, x):
+        xs = x.reshape(chunk // sub, sub, cfg.d)
+        codes, err = jax.lax.map(lambda xb: one(params, xb), xs)
+        return codes.reshape(chunk, cfg.M), err.reshape(chunk)
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_fn(cfg: QincoConfig, chunk: int, m: int):
+    model = Qinco(cfg)
+    return jax.jit(lambda params, codes: model.apply({"params": params}, codes, method=Qinco.decode))
+
+
+def _chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
+
+
+def _pad(block: np.ndarray, chunk: int) -> np.ndarray:
+    if block.shape[0] == chunk:
+        return block
+    out = np.zeros((chunk,) + block.shape[1:], block.dtype)
+    out[: block.shape[0]] = block
+    return out
+
+
+def _pipelined(n, chunk, launch, progress, desc):
+    """Launch jitted work chunk by chunk, fetching chunk i-1 while chunk i runs; yields host results."""
+    pending = None
+    with Progress(n, desc=desc, enabled=progress) as bar:
+        for start, stop in _chunks(n, chunk):
+            out = launch(start, stop)
+            if pending is not None:
+                yield pending[0], jax.device_get(pending[1])
+                bar.update(pending[2])
+            pending = (start, out, stop - start)
+        if pending is not None:
+            yield pending[0], jax.device_get(pending[1])
+            bar.update(pending[2])
+
+
+def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False):
+    """Greedy codes and the per-vector squared reconstruction error (raw units).
+
+    Returns (codes (n, M) uint8/uint16, err (n,) float64).
+    """
+    cfg = codec.config
+    x = checks.vectors(x, cfg.d)
+    chunk = _encode_chunk(cfg, batch_size, x.shape[0])
+    fn = _encode_fn(cfg, chunk)
+    params = jax.device_put(codec.params)
+    inv = np.float32(1.0 / codec.scale)
+    n = x.shape[0]
+    codes = np.empty((n, cfg.M), cfg.code_dtype)
+    err = np.empty(n, np.float64)
+
+    def launch(start, stop):
+        block = np.asarray(x[start:stop], dtype=np.float32)
+        checks.finite_chunk(block, start)
+        return fn(params, _pad(block * inv, chunk))
+
+    for start, (c, e) in _pipelined(n, chunk, launch, progress, "encode"):
+        stop = min(n, start + chunk)
+        codes[start:stop] = c[: stop - start]
+        err[start:stop] = e[: stop - start].astype(np.float64) * codec.scale**2
+    return codes, err
+
+
+def encode(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    """Greedy QINCo codes of x.
+
+    Args:
+      codec: the codec.
+      x: (n, d) array of any real dtype (a memmap is read chunk by chunk), raw units.
+      batch_size: vectors per jitted call (memory is bounded by it, whatever n).
+      progress: show a progress bar on stderr.
+
+    Returns:
+      (n, M) codes, uint8 when K <= 256 else uint16.
+    """
+    return encode_with_error(codec, x, batch_size=batch_size, progress=progress)[0]
+
+
+def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    """Reconstruct vectors (raw units, float32) from codes.
+
+    Args:
+      codec: the codec.
+      codes: (n, m) integer codes with m <= M; m < M gives the m-step reconstruction.
+      batch_size: vectors per jitted call.
+      progress: show a progress bar on stderr.
+
+    Returns:
+      (n, d) float32.
+    """
+    cfg = codec.config
+    codes = checks.codes(codes, cfg.K, cfg.M)
+    n, m = codes.shape
+    chunk = min(checks.batch_size(batch_size or DEFAULT_CHUNK), n)
+    fn = _decode_fn(cfg, chunk, m)
+    params = jax.device_put(codec.params)
+    out = np.empty((n, cfg.d), np.float32)
+
+    def launch(start, stop):
+        return fn(params, _pad(np.asarray(codes[start:stop], np.int32), chunk))
+
+    for start, xhat in _pipelined(n, chunk, launch, progress, "decode"):
+        stop = min(n, start + chunk)
+        out[start:stop] = xhat[: stop - start]
+    out *= np.float32(codec.scale)
+    return out
+
+
+def data_scale(xt) -> float:
+    """The original's db_scale: the maximum entry of the training set (signed, not max-abs)."""
+    s = float(np.max(xt))
+    if not np.isfinite(s) or s <= 0:
+        raise checks.QincoInputError(
+            f"the training data's maximum is {s}; the data scale must be positive: pass scale= explicitly"
+        )
+    return s
+
+
+def init_codec(cfg: QincoConfig, xt, *, seed: int = 0, rq_beam_size: int = 1, scale: float | None = None) -> Codec:
+    """A codec initialised as the original: RQ codebooks trained on xt (raw units) divided by the
+    data scale, and torch-default random linear layers.
+
+    Args:
+      cfg: architecture.
+      xt: (n, d) training vectors in raw units.
+      seed: seed of the random linear layers.
+      rq_beam_size: beam size of the faiss ResidualQuantizer that initialises the codebooks.
+      scale: data scale; default xt.max() as in the original.
+    """
+    from qinco_jax import faiss_ops
+
+    xt = checks.vectors(xt, cfg.d, "training vectors")
+    for start in range(0, xt.shape[0], 65536):
+        checks.finite_chunk(np.asarray(xt[start : start + 65536]), start, "training vectors")
+    scale = data_scale(xt) if scale is None else float(scale)
+    rq = faiss_ops.train_rq(np.asarray(xt, np.float32), cfg.M, cfg.K, rq_beam_size)
+    codebooks = faiss_ops.rq_codebooks(rq) / np.float32(scale)
+    params = with_codebooks(init_params(cfg, jax.random.key(seed)), codebooks)
+    return Codec(cfg, jax.device_get(params), scale)

@@ -1,0 +1,75 @@
+"""numpy-in / numpy-out faiss helpers: RQ codebooks for initialisation, export to faiss's C++ QINCo."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _f32(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def nbits(K: int) -> int:
+    b = int(round(math.log2(K)))
+    if 1 << b != K:
+        raise ValueError(f"faiss quantizers need K to be a power of two, got K={K}")
+    return b
+
+
+def train_rq(xt: np.ndarray, M: int, K: int, beam_size: int = 1):
+    """Train a faiss ResidualQuantizer (M x log2 K bits, given beam) on xt. Returns the trained faiss object."""
+    import faiss
+
+    xt = _f32(xt)
+    rq = faiss.ResidualQuantizer(xt.shape[1], M, nbits(K))
+    rq.max_beam_size = int(beam_size)
+    rq.train(xt)
+    return rq
+
+
+def rq_codebooks(rq) -> np.ndarray:
+    """(M, K, d) codebooks of a trained additive quantizer."""
+    import faiss
+
+    K = 1 << rq.nbits.at(0)
+    return faiss.vector_to_array(rq.codebooks).reshape(rq.M, K, rq.d).copy()
+
+
+def to_faiss(codec):
+    """A faiss.QINCo carrying the codec's weights (scaled domain: feed it x / codec.scale).
+
+    Only plain QINCo exists in faiss (not QINCo-LR).
+    """
+    import faiss
+
+    cfg = codec.config
+    if cfg.lowrank:
+        raise ValueError("faiss.QINCo has no low-rank (QINCo-LR) variant")
+    p = {k: v for k, v in codec.params.items()}
+    q = faiss.QINCo(cfg.d, cfg.K, cfg.L, cfg.M, cfg.h)
+    q.codebook0.from_array(_f32(p["codebook0"]))
+    for m in range(1, cfg.M):
+        sp, step = p[f"step_{m}"], q.get_step(m - 1)
+        step.codebook.from_array(_f32(p[f"step_{m}"]["codebook"]))
+        step.MLPconcat.from_array(_f32(np.asarray(sp["concat"]["kernel"]).T), _f32(sp["concat"]["bias"]))
+        for l in range(cfg.L):
+            block, bp = step.get_residual_block(l), sp[f"block_{l}"]
+            block.linear1.from_array(_f32(np.asarray(bp["up"]["kernel"]).T))
+            block.linear2.from_array(_f32(np.asarray(bp["down"]["kernel"]).T))
+    return q
+
+
+def faiss_encode(q, x_scaled: np.ndarray) -> np.ndarray:
+    """Greedy codes from a faiss.QINCo (int32)."""
+    import faiss
+
+    return q.encode(faiss.Tensor2D(_f32(x_scaled))).numpy()
+
+
+def faiss_decode(q, codes: np.ndarray) -> np.ndarray:
+    """Scaled-domain reconstruction from a faiss.QINCo."""
+    import faiss
+
+    return q.decode(faiss.Int32Tensor2D(np.ascontiguousarray(codes, dtype=np.int32))).numpy()

@@ -1,0 +1,538 @@
+"""Read official PyTorch QINCo v1 checkpoints (.pt) without torch, and without running their code.
+
+The v1 training script saves `torch.save(model, path)`: a zip archive holding `<prefix>/data.pkl`
+(a pickle of the whole nn.Module) and one raw little-endian record `<prefix>/data/<key>` per
+tensor storage. A normal unpickler would import and call whatever globals the pickle names, so
+`data.pkl` is read by `RestrictedUnpickler`, whose `find_class` maps a short, fixed list of
+globals to inert stand-ins:
+
+- the QINCo / QINCoStep / torch.nn module classes -> `ModuleRecord` subclasses that only keep
+  their attribute dict;
+- torch's tensor / parameter rebuild functions -> functions that slice numpy arrays out of the
+  storage records (offset, size and stride checked against the record length);
+- numpy scalars and dtypes (the pickled `db_scale`) -> whitelisted numeric dtypes only;
+- `collections.OrderedDict`, `set` and `_codecs.encode` (latin-1 only).
+
+Every other global raises `CheckpointError` before anything is called. The record tree is then
+converted to a `QincoConfig`, a parameter tree in this package's layout (see qinco_jax.model)
+and the data scale.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import os
+import pickle
+import re
+import zipfile
+
+import numpy as np
+
+from qinco_jax.checks import QincoInputError
+from qinco_jax.model import QincoConfig
+
+
+class CheckpointError(QincoInputError):
+    """A file that cannot be read as a PyTorch QINCo v1 checkpoint."""
+
+
+MAX_PICKLE_BYTES = 64 << 20  # data.pkl of a real model is tens of KB; its tensors live elsewhere
+
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # pickled torch legacy magic number
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BFloat16Storage": "bf16",
+    "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
+    "ByteStorage": "u1", "BoolStorage": "b1",
+}
+_NUMPY_DTYPES = frozenset({"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1"})
+_TORCH_MODULES = frozenset({
+    ("torch.nn.modules.sparse", "Embedding"), ("torch.nn.modules.linear", "Linear"),
+    ("torch.nn.modules.container", "Sequential"), ("torch.nn.modules.container", "ModuleList"),
+    ("torch.nn.modules.activation", "ReLU"),
+})
+_QINCO_CLASSES = frozenset({"QINCo", "QINCoLR", "QINCoStep"})
+_UNSUPPORTED = {"IVFQINCo": "IVF-QINCo", "PQ_QINCo": "PQ-QINCo"}
+_KEY_RE = re.compile(r"[A-Za-z0-9_.]{1,64}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inert stand-ins
+
+
+class ModuleRecord:
+    """Inert stand-in for a pickled nn.Module: its class name and attribute dict, nothing else."""
+
+    torch_class = "?"  # "module.Name" of the class it replaces
+    state = None
+
+    def __init__(self, *args, **kwargs):
+        self.state = None
+
+    def __setstate__(self, state):
+        """Keep the attribute dict (pickle BUILD)."""
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.torch_class} has a state of type {type(state).__name__}, expected a dict")
+        self.state = state
+
+    @property
+    def name(self) -> str:
+        return self.torch_class.rsplit(".", 1)[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _record_class(module: str, name: str) -> type:
+    """One ModuleRecord subclass per replaced class (so pickle's NEWOBJ / BUILD see a class)."""
+    return type(name, (ModuleRecord,), {"torch_class": f"{module}.{name}", "__module__": __name__})
+
+
+class _StorageType:
+    """Inert stand-in for torch.<X>Storage: the element type of a storage record."""
+
+    def __init__(self, name: str):
+        self.name, self.code = name, _STORAGE_DTYPES[name]
+
+
+class _DtypeSpec:
+    """Inert stand-in for a pickled numpy.dtype: a whitelisted type code and a byte order."""
+
+    def __init__(self, code, align=False, copy=True):
+        if not isinstance(code, str) or code not in _NUMPY_DTYPES:
+            raise CheckpointError(f"refused numpy dtype {code!r} (allowed: {sorted(_NUMPY_DTYPES)})")
+        self.code, self.order = code, "="
+
+    def __setstate__(self, state):
+        """Accept numpy's dtype state tuple; only its byte-order field is used."""
+        if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "=", "|"):
+            raise CheckpointError(f"unexpected numpy dtype state {state!r:.80}")
+        self.order = state[1]
+
+    def numpy(self) -> np.dtype:
+        return np.dtype(self.code).newbyteorder(self.order)
+
+
+def _numpy_scalar(dtype, data=None):
+    """Stand-in for numpy's scalar reconstructor: a whitelisted dtype and its raw bytes."""
+    if not isinstance(dtype, _DtypeSpec) or not isinstance(data, bytes):
+        raise CheckpointError("malformed numpy scalar in the checkpoint")
+    dt = dtype.numpy()
+    if len(data) != dt.itemsize:
+        raise CheckpointError(f"numpy scalar of dtype {dt} has {len(data)} bytes, expected {dt.itemsize}")
+    return np.frombuffer(data, dt)[0]
+
+
+def _latin1_encode(obj, encoding="utf-8", errors="strict"):
+    """Stand-in for _codecs.encode as used by protocol-2 pickles of bytes (latin-1 only)."""
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise CheckpointError(f"refused _codecs.encode with encoding {encoding!r}")
+    return obj.encode("latin1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Storages and tensors
+
+
+def _check_ints(values, what: str) -> tuple:
+    """A tuple of non-negative Python ints (bools refused)."""
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    if not isinstance(values, (tuple, list)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise CheckpointError(f"malformed tensor {what} {values!r:.80} in the checkpoint")
+    return tuple(values)
+
+
+class _Storage:
+    """A tensor storage: reads and types its archive record on first use."""
+
+    def __init__(self, archive: "_Archive", key: str, stype: _StorageType, numel: int):
+        self.archive, self.key, self.stype, self.numel = archive, key, stype, numel
+
+    def array(self) -> np.ndarray:
+        """The storage's numel elements as a native-endian 1-D numpy array."""
+        return self.archive.storage_array(self.key, self.stype, self.numel)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    """Stand-in for torch._utils._rebuild_tensor_v2: a numpy copy of the tensor's elements."""
+    if not isinstance(storage, _Storage):
+        raise CheckpointError("a tensor in the checkpoint is not backed by a storage record")
+    (offset,) = _check_ints(storage_offset, "offset")
+    size, stride = _check_ints(size, "size"), _check_ints(stride, "stride")
+    if len(size) != len(stride):
+        raise CheckpointError(f"tensor size {size} and stride {stride} have different lengths")
+    flat = storage.array()
+    if 0 in size:
+        return np.zeros(size, flat.dtype)
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+    if end > flat.size or int(np.prod(size)) > flat.size:
+        raise CheckpointError(
+            f"storage record data/{storage.key} holds {flat.size} elements; a tensor of size {size} "
+            f"at offset {offset} needs {max(end, int(np.prod(size)))}: the file is truncated or corrupt"
+        )
+    view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride])
+    return np.array(view, copy=True)
+
+
+def _rebuild_parameter(data, requires_grad=True, backward_hooks=None):
+    """Stand-in for torch._utils._rebuild_parameter: the tensor itself."""
+    if not isinstance(data, np.ndarray):
+        raise CheckpointError("a parameter in the checkpoint does not wrap a tensor")
+    return data
+
+
+def _rebuild_parameter_with_state(data, requires_grad=True, backward_hooks=None, state=None):
+    """Stand-in for torch._utils._rebuild_parameter_with_state: the tensor (its extra state is dropped)."""
+    return _rebuild_parameter(data)
+
+
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,
+    ("_codecs", "encode"): _latin1_encode,
+    ("numpy", "dtype"): _DtypeSpec,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+}
+
+
+def resolve_global(module: str, name: str):
+    """The inert stand-in for a global named by a checkpoint pickle; CheckpointError for any other."""
+    if (module, name) in _SAFE_GLOBALS:
+        return _SAFE_GLOBALS[(module, name)]
+    if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
+        return _StorageType(name)
+    if (module, name) in _TORCH_MODULES:
+        return _record_class(module, name)
+    if module.rsplit(".", 1)[-1] == "model_qinco":
+        if name in _QINCO_CLASSES:
+            return _record_class(module, name)
+        if name in _UNSUPPORTED:
+            raise CheckpointError(
+                f"{module}.{name}: {_UNSUPPORTED[name]} checkpoints are not supported (only QINCo and QINCo-LR)"
+            )
+    hint = ""
+    if module.rsplit(".", 1)[-1] == "train_qinco":
+        hint = " (this looks like a multi-GPU training checkpoint; load the model saved with --model instead)"
+    raise CheckpointError(f"refused to load global {module}.{name}: it is not part of a QINCo v1 checkpoint{hint}")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals of a QINCo v1 checkpoint, to inert stand-ins."""
+
+    def __init__(self, file, archive: "_Archive | None" = None):
+        super().__init__(file)
+        self._archive = archive
+
+    def find_class(self, module, name):
+        """Every global goes through the whitelist; nothing is imported."""
+        return resolve_global(module, name)
+
+    def persistent_load(self, pid):
+        """('storage', type, key, location, numel) -> a lazily read storage record (location ignored)."""
+        if self._archive is None:
+            raise CheckpointError("the pickle refers to external storages but is not inside a torch archive")
+        return self._archive.storage(pid)
+
+
+# ----------------------------------------------------------------------------------------------
+# The zip archive
+
+
+def _not_zip_message(path: str, head: bytes, err: Exception) -> str:
+    """Explain why a file that zipfile refuses is not a readable checkpoint."""
+    if not head:
+        return f"checkpoint {path!r} is empty"
+    if head.startswith(b"PK"):
+        return f"checkpoint {path!r} is a truncated or corrupt zip archive ({err})"
+    if head.startswith(_LEGACY_MAGIC):
+        return (
+            f"checkpoint {path!r} uses the legacy (pre-zip) torch serialization format, which is not "
+            "supported: re-save it with torch >= 1.6 (torch.save(torch.load(f, weights_only=False), g))"
+        )
+    if head[:1] == b"\x80":
+        return f"{path!r} is a plain pickle, not a torch checkpoint (a zip archive with data.pkl); it was not loaded"
+    return f"{path!r} is not a torch checkpoint (not a zip archive)"
+
+
+class _Archive:
+    """The records of a torch zip checkpoint, read with errors that name the file."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.zf = _open_zip(self.path)
+        self.prefix = _find_prefix(self.zf, self.path)
+        self.byteorder = self._byteorder()
+        self._arrays: dict = {}
+
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """The bytes of record <prefix><name>."""
+        full = self.prefix + name
+        try:
+            info = self.zf.getinfo(full)
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.path!r} has no record {full!r}: the file is truncated or corrupt") from None
+        if limit is not None and info.file_size > limit:
+            raise CheckpointError(f"record {full!r} of {self.path!r} is too large ({info.file_size} bytes)")
+        try:
+            return self.zf.read(info)
+        except Exception as e:  # BadZipFile (CRC), zlib.error, EOFError, OSError on a cut file
+            raise CheckpointError(f"cannot read record {full!r} of {self.path!r}: the file is truncated or corrupt ({e})") from None
+
+    def _byteorder(self) -> str:
+        """'<' or '>' from the optional byteorder record (little-endian when absent)."""
+        if self.prefix + "byteorder" not in self.zf.namelist():
+            return "<"
+        order = self.read("byteorder").strip()
+        if order not in (b"little", b"big"):
+            raise CheckpointError(f"checkpoint {self.path!r} has an unknown byteorder record {order!r:.40}")
+        return "<" if order == b"little" else ">"
+
+    def storage(self, pid) -> _Storage:
+        """Validate a persistent id and return its (lazy) storage."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"unexpected persistent id {pid!r:.80} in {self.path!r}")
+        _, stype, key, _location, numel = pid
+        if not isinstance(stype, _StorageType):
+            raise CheckpointError(f"persistent id {pid!r:.80} does not name a torch storage type")
+        if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+            raise CheckpointError(f"malformed storage key {key!r:.80} in {self.path!r}")
+        (numel,) = _check_ints(numel, "storage size")
+        return _Storage(self, key, stype, numel)
+
+    def storage_array(self, key: str, stype: _StorageType, numel: int) -> np.ndarray:
+        """Record data/<key> as numel elements of stype (cached)."""
+        if (key, stype.code) not in self._arrays:
+            self._arrays[(key, stype.code)] = self._decode(key, stype, numel)
+        arr = self._arrays[(key, stype.code)]
+        return arr[:numel]
+
+    def _decode(self, key: str, stype: _StorageType, numel: int) -> np.ndarray:
+        """Read and type one storage record; the record must hold at least numel elements."""
+        code = "u2" if stype.code == "bf16" else stype.code
+        dt = np.dtype(code).newbyteorder(self.byteorder if code != "b1" else "|")
+        raw = self.read(f"data/{key}")
+        if len(raw) < numel * dt.itemsize:
+            raise CheckpointError(
+                f"storage record data/{key} of {self.path!r} has {len(raw)} bytes, its {stype.name} needs "
+                f"{numel * dt.itemsize}: the file is truncated or corrupt"
+            )
+        arr = np.frombuffer(raw, dt, count=numel).astype(dt.newbyteorder("="))
+        if stype.code == "bf16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
+
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+    """Open the archive, or explain what the file is instead."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, not a .pt file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC))
+        return zipfile.ZipFile(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from None
+    except Exception as e:  # BadZipFile, and the odd ValueError / EOFError on mangled headers
+        raise CheckpointError(_not_zip_message(path, head, e)) from None
+
+
+def _find_prefix(zf: zipfile.ZipFile, path: str) -> str:
+    """'<prefix>/' of the single top-level data.pkl record."""
+    found = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if not found:
+        raise CheckpointError(f"{path!r} is a zip archive but not a torch checkpoint: it has no <name>/data.pkl record")
+    if len(found) > 1:
+        raise CheckpointError(f"{path!r} holds several data.pkl records ({found[:3]}); expected one")
+    return found[0][: -len("data.pkl")]
+
+
+def read_objects(path):
+    """Unpickle a checkpoint's data.pkl into inert records (ModuleRecord, numpy arrays, dicts...)."""
+    archive = _Archive(path)
+    data = archive.read("data.pkl", limit=MAX_PICKLE_BYTES)
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), archive).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # UnpicklingError, EOFError, TypeError from a mangled stream, ...
+        raise CheckpointError(f"data.pkl of {archive.path!r} is corrupt: {type(e).__name__}: {e}") from None
+    finally:
+        archive.zf.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Record tree -> config, params, scale
+
+
+def _submodule(rec: ModuleRecord, name: str, path: str, cls: str | None = None) -> ModuleRecord:
+    """Child module `name` of rec, optionally checking its class name."""
+    mods = (rec.state or {}).get("_modules")
+    child = mods.get(name) if isinstance(mods, dict) else None
+    if not isinstance(child, ModuleRecord) or not isinstance(child.state, dict):
+        raise CheckpointError(f"the checkpoint has no module {path}")
+    if cls is not None and child.name != cls:
+        raise CheckpointError(f"module {path} is a {child.torch_class}, expected {cls}")
+    return child
+
+
+def _tensor(rec: ModuleRecord, name: str, path: str, shape: tuple) -> np.ndarray:
+    """Parameter `name` of rec as float32, checked for presence, dtype, shape and finiteness."""
+    params = rec.state.get("_parameters")
+    arr = params.get(name) if isinstance(params, dict) else None
+    if arr is None:
+        raise CheckpointError(f"the checkpoint is missing tensor {path}")
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+        raise CheckpointError(f"tensor {path} is not a floating-point tensor ({getattr(arr, 'dtype', type(arr))})")
+    if arr.shape != shape:
+        raise CheckpointError(f"tensor {path} has shape {arr.shape}, expected {shape} from the model attributes")
+    if not np.isfinite(arr).all():
+        raise CheckpointError(f"tensor {path} holds NaN or inf values")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _linear(rec: ModuleRecord, path: str, out_f: int, in_f: int, bias: bool) -> dict:
+    """A torch Linear as {'kernel': W.T (in, out)} (+ 'bias'); a bias must be present iff expected."""
+    if rec.name != "Linear":
+        raise CheckpointError(f"module {path} is a {rec.torch_class}, expected Linear")
+    out = {"kernel": np.ascontiguousarray(_tensor(rec, "weight", f"{path}.weight", (out_f, in_f)).T)}
+    has_bias = isinstance(rec.state.get("_parameters"), dict) and rec.state["_parameters"].get("bias") is not None
+    if bias:
+        out["bias"] = _tensor(rec, "bias", f"{path}.bias", (out_f,))
+    elif has_bias:
+        raise CheckpointError(f"module {path} has a bias; the QINCo v1 architecture has none there")
+    return out
+
+
+def _int_attr(rec: ModuleRecord, name: str) -> int:
+    """Integer attribute of a module record."""
+    value = rec.state.get(name)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if value is None:
+        raise CheckpointError(f"the {rec.name} module has no attribute {name!r}")
+    raise CheckpointError(f"attribute {name!r} of the {rec.name} module is {value!r:.40}, expected an int")
+
+
+def _top_module(obj) -> ModuleRecord:
+    """The pickled QINCo / QINCoLR module, or an error saying what the file holds instead."""
+    if isinstance(obj, ModuleRecord) and obj.name in ("QINCo", "QINCoLR") and isinstance(obj.state, dict):
+        return obj
+    if isinstance(obj, ModuleRecord):
+        raise CheckpointError(f"the checkpoint holds a {obj.torch_class}, not a QINCo or QINCoLR model")
+    if isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
+        raise CheckpointError(
+            "the checkpoint holds a state_dict (tensors only), not a model saved with torch.save(model, path); "
+            "its architecture attributes and db_scale are missing"
+        )
+    raise CheckpointError(f"the checkpoint holds a {type(obj).__name__}, not a QINCo model")
+
+
+def _step_names(top: ModuleRecord, M: int) -> list[str]:
+    """step1 .. step{M-1}, checked against the registered submodules."""
+    mods = top.state.get("_modules")
+    if not isinstance(mods, dict):
+        raise CheckpointError("the QINCo module has no submodules")
+    want = ["codebook0"] + [f"step{m}" for m in range(1, M)]
+    if sorted(mods) != sorted(want):
+        raise CheckpointError(f"the QINCo module has submodules {sorted(mods)}, expected {want} for M={M}")
+    return want[1:]
+
+
+def _is_lowrank(top: ModuleRecord, steps: list[str]) -> bool:
+    """QINCo-LR iff MLPconcat is a Sequential (all steps agree with each other and the class name)."""
+    kinds = {_submodule(_submodule(top, s, s), "MLPconcat", f"{s}.MLPconcat").name for s in steps}
+    if not kinds:
+        return top.name == "QINCoLR"
+    if len(kinds) > 1 or not kinds <= {"Linear", "Sequential"}:
+        raise CheckpointError(f"unexpected MLPconcat modules {sorted(kinds)} (expected Linear or Sequential)")
+    lowrank = kinds == {"Sequential"}
+    if top.name == "QINCoLR" and not lowrank:
+        raise CheckpointError("a QINCoLR checkpoint whose MLPconcat blocks are plain Linear layers")
+    return lowrank
+
+
+def _config(top: ModuleRecord) -> tuple[QincoConfig, list[str]]:
+    """QincoConfig from the module attributes and structure, plus the step names."""
+    d, K, L, M, h = (_int_attr(top, a) for a in ("d", "K", "L", "M", "h"))
+    steps = _step_names(top, M)
+    try:
+        cfg = QincoConfig(d=d, K=K, M=M, L=L, h=h, lowrank=_is_lowrank(top, steps))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"invalid architecture in the checkpoint: {e}") from None
+    return cfg, steps
+
+
+def _step_params(step: ModuleRecord, cfg: QincoConfig, name: str) -> dict:
+    """One QINCoStep's parameters in this package's layout."""
+    d, K, L, h = cfg.d, cfg.K, cfg.L, cfg.h
+    for attr, want in (("d", d), ("K", K), ("L", L), ("h", h)):
+        if attr in step.state and _int_attr(step, attr) != want:
+            raise CheckpointError(f"{name}.{attr} = {step.state[attr]} disagrees with the model's {attr} = {want}")
+    mods = step.state.get("_modules") or {}
+    blocks = sorted(k for k in mods if k.startswith("residual_block"))
+    if blocks != sorted(f"residual_block{l}" for l in range(L)):
+        raise CheckpointError(f"{name} has residual blocks {blocks}, expected {L} (L={L})")
+    cb = _submodule(step, "codebook", f"{name}.codebook", "Embedding")
+    out = {"codebook": _tensor(cb, "weight", f"{name}.codebook.weight", (K, d))}
+    mlp = _submodule(step, "MLPconcat", f"{name}.MLPconcat")
+    if cfg.lowrank:
+        out["concat_in"] = _linear(_submodule(mlp, "0", f"{name}.MLPconcat.0"), f"{name}.MLPconcat.0", h, 2 * d, False)
+        out["concat_out"] = _linear(_submodule(mlp, "1", f"{name}.MLPconcat.1"), f"{name}.MLPconcat.1", d, h, False)
+    else:
+        out["concat"] = _linear(mlp, f"{name}.MLPconcat", d, 2 * d, True)
+    for l in range(L):
+        p = f"{name}.residual_block{l}"
+        blk = _submodule(step, f"residual_block{l}", p, "Sequential")
+        _submodule(blk, "1", f"{p}.1", "ReLU")
+        up = _linear(_submodule(blk, "0", f"{p}.0"), f"{p}.0", h, d, False)
+        down = _linear(_submodule(blk, "2", f"{p}.2"), f"{p}.2", d, h, False)
+        out[f"block_{l}"] = {"up": up, "down": down}
+    return out
+
+
+def _db_scale(top: ModuleRecord) -> float:
+    """The model's db_scale attribute as a positive finite float."""
+    value = top.state.get("db_scale")
+    if value is None:
+        raise CheckpointError("the model has no db_scale attribute (set by the QINCo v1 training script)")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise CheckpointError(f"db_scale is {value!r:.40}, expected a number")
+    scale = float(value)
+    if not np.isfinite(scale) or scale <= 0:
+        raise CheckpointError(f"db_scale must be positive and finite, got {scale}")
+    return scale
+
+
+def convert(obj) -> tuple[QincoConfig, dict, float]:
+    """(config, params, scale) from the unpickled record tree of a QINCo / QINCoLR checkpoint."""
+    top = _top_module(obj)
+    cfg, steps = _config(top)
+    cb0 = _submodule(top, "codebook0", "codebook0", "Embedding")
+    params = {"codebook0": _tensor(cb0, "weight", "codebook0.weight", (cfg.K, cfg.d))}
+    for m, name in enumerate(steps, start=1):
+        step = _submodule(top, name, name, "QINCoStep")
+        params[f"step_{m}"] = _step_params(step, cfg, name)
+    return cfg, params, _db_scale(top)
+
+
+def load_pt(path) -> tuple[QincoConfig, dict, float]:
+    """Read a PyTorch QINCo v1 checkpoint (torch.save(model, path)) without torch.
+
+    Returns (config, params, scale): params is a nested dict of float32 numpy arrays in this
+    package's layout (qinco_jax.model), scale the model's db_scale. Raises CheckpointError for
+    anything that is not a readable QINCo / QINCo-LR checkpoint; no code from the file is run.
+    """
+    return convert(read_objects(path))

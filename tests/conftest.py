@@ -1,0 +1,42 @@
+"""Test set-up: 8 fake CPU devices (set before JAX starts), tiny configs, shared fixtures."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import qinco_jax as qj  # noqa: E402
+from qinco_jax import codec as codec_mod  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = qj.QincoConfig(d=16, K=16, M=3, L=2, h=24)
+
+
+def shared_file(name: str) -> pathlib.Path:
+    """A file of ../shared/data, or skip the test when it is absent (users' machines)."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    return path
+
+
+def random_codec(cfg: qj.QincoConfig = TINY, seed: int = 0, scale: float = 1.0) -> qj.Codec:
+    """Random weights with N(0,1) codebooks."""
+    return qj.Codec(cfg, jax.device_get(codec_mod.init_params(cfg, jax.random.key(seed))), scale)
+
+
+def near_codes(codec: qj.Codec, n: int, seed: int = 1, noise: float = 0.05) -> np.ndarray:
+    """Raw-unit vectors close to decoded random codes (so that every step matters)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, codec.config.K, (n, codec.config.M))
+    x = qj.decode(codec, codes)
+    return (x + rng.normal(scale=noise * codec.scale, size=x.shape)).astype(np.float32)
+
+
+@pytest.fixture
+def tiny_codec():
+    return random_codec()

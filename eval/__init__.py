@@ -1,0 +1,1 @@
+"""Evaluation of vector codecs: MSE, exact search, recalls, faiss baselines and reports."""

@@ -1,0 +1,97 @@
+"""Plain-text tables, atomic JSON files and rate-distortion plots for evaluation results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+
+import numpy as np
+
+
+def format_value(column: str, value) -> str:
+    """One cell: MSE to 4 significant digits, recalls as 0.xxx, microseconds with 1 decimal, None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, int, np.integer)):
+        return str(value)
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if re.fullmatch(r"r\d+|recall.*", column):
+        return f"{value:.3f}"
+    if column.endswith("_us") or column.endswith("_s"):
+        return f"{value:.1f}"
+    return f"{value:.4g}"
+
+
+def format_table(rows: list[dict], columns) -> str:
+    """Aligned plain-text table of rows (dicts) with the given column keys; missing cells show n/a."""
+    columns = list(columns)
+    cells = [[format_value(c, row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[j]) for r in cells]) for j, c in enumerate(columns)]
+    numeric = [all(_is_number(row.get(c)) for row in rows) for c in columns]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(columns), sep] + [line(r) for r in cells])
+
+
+def _is_number(value) -> bool:
+    """True for numbers and None (n/a cells align with the numbers of their column)."""
+    return value is None or (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool))
+
+
+def _json_default(obj):
+    """JSON encoding of numpy scalars and arrays."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def write_json(path, obj) -> None:
+    """Write obj as indented JSON to path atomically (temporary file in the same folder, then os.replace)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_rate_distortion(curves: dict, path, title: str = "") -> None:
+    """PNG of MSE (log scale) against bytes per vector; curves = {name: (bytes_list, mse_list)}, None MSEs skipped."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'qinco-jax[plots]' (or pip install matplotlib)") from None
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    markers = "osD^v<>ph*"
+    for i, (name, (nbytes, mses)) in enumerate(curves.items()):
+        pts = [(b, m) for b, m in zip(nbytes, mses) if m is not None and m > 0]
+        if pts:
+            ax.plot(*zip(*pts), marker=markers[i % len(markers)], label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes per vector")
+    ax.set_ylabel("MSE")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.savefig(os.fspath(path), dpi=100, format="png")

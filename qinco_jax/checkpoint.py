@@ -22,9 +22,13 @@ BEST = "best"  # a training workdir keeps its best codec here
 
 
 def _checkpointer():
+    """A checkpointer local to this process: a codec is small and written by one process only,
+    so no cross-process barrier may be involved (on a multi-host job the others are training)."""
     import orbax.checkpoint as ocp
 
-    return ocp.PyTreeCheckpointer()
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
 
 
 def save(codec: Codec, path, *, overwrite: bool = False) -> str:
@@ -106,3 +110,38 @@ def load(path) -> Codec:
         cfg, params, scale = load_pt(path)
         return Codec(cfg, params, scale)
     raise CheckpointError(f"{path} is not a qinco_jax codec directory nor a PyTorch QINCo checkpoint")
+
+
+class TrainCheckpoints:
+    """Orbax manager of a run's full training state, one step per epoch (written atomically by orbax)."""
+
+    def __init__(self, directory: str, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.mngr = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False),
+        )
+
+    def save(self, epoch: int, state, meta: dict) -> None:
+        ocp = self._ocp
+        state = jax.tree.map(np.asarray, jax.device_get(state))
+        self.mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        self.mngr.wait_until_finished()
+
+    def latest(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def restore(self, template, epoch: int | None = None):
+        """(state shaped like template, meta) of the given or latest epoch."""
+        ocp = self._ocp
+        epoch = self.latest() if epoch is None else epoch
+        if epoch is None:
+            raise CheckpointError(f"{self.mngr.directory} holds no training checkpoint to resume from")
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), template)
+        r = self.mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return jax.tree.map(np.asarray, r["state"]), r["meta"]
+
+    def close(self) -> None:
+        self.mngr.close()

@@ -44,6 +44,7 @@ def _open_size(path: Path) -> int:
 
 
 def _bad_size(path: Path, expected: int, actual: int, why: str) -> QincoInputError:
+    """The error for a file whose size disagrees with its header."""
     state = "truncated" if actual < expected else "longer than its header says"
     return QincoInputError(f"{path} is {state}: {why} gives {expected:,} bytes, the file has {actual:,}")
 
@@ -183,6 +184,8 @@ def write_vectors(path: str | os.PathLike, x: np.ndarray) -> None:
 class Dataset:
     """Train / validation / database / query vectors and ground-truth ids, in faiss vocabulary."""
 
+    # Arrays keep their file dtype (uint8, float16, ...) and are usually memmap slices; iter_chunks gives float32.
+
     name: str
     xt: np.ndarray
     xval: np.ndarray
@@ -196,58 +199,66 @@ class Dataset:
         return int(self.xt.shape[1])
 
     def __repr__(self) -> str:
-        shapes = {k: None if v is None else v.shape for k, v in dataclasses.asdict(self).items() if k != "name"}
-        return f"Dataset({self.name!r}, " + ", ".join(f"{k}={v}" for k, v in shapes.items()) + ")"
+        """Shapes only: the arrays may be large memmaps."""
+        arrays = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "name"]
+        return f"Dataset({self.name!r}, " + ", ".join(f"{k}={None if v is None else v.shape}" for k, v in arrays) + ")"
 
 
 class _File(NamedTuple):
+    """A candidate file, relative to the data folder."""
+
     rel: str
     skip: int = 0  # leading rows that belong to another role (the database) and are not used
 
 
 class _Spec(NamedTuple):
+    """Where a named dataset may live, its split default and its nominal database size."""
+
     train: tuple[_File, ...]
     db: tuple[_File, ...]
     queries: tuple[_File, ...]
     gt: tuple[_File, ...]
     nval: int
     nb: int
-    source: str
+    source: tuple[str, ...]
 
 
 def _fs(*rels: str) -> tuple[_File, ...]:
+    """Candidate files that are used from their first row."""
     return tuple(_File(r) for r in rels)
 
 
-_QINCO = "https://dl.fbaipublicfiles.com/QINCo/datasets/ (data/*/download_data.sh of github.com/facebookresearch/Qinco)"
+_QINCO = "https://dl.fbaipublicfiles.com/QINCo/datasets/"
+_QINCO_SH = "see qinco_v1/data/<set>/download_data.sh in github.com/facebookresearch/Qinco"
 _TEXMEX = "ftp://ftp.irisa.fr/local/texmex/corpus/"
-_BIGANN = "https://big-ann-benchmarks.com (https://github.com/harsha-simhadri/big-ann-benchmarks)"
+_BIGANN = "https://big-ann-benchmarks.com, files listed in github.com/harsha-simhadri/big-ann-benchmarks"
 _M = 1_000_000
 _SETS = {
     "bigann1M": _Spec(
         _fs("bigann/bigann_learn.bvecs", "bigann/bigann_learn_10M10k.bvecs", "bigann/learn.100M.u8bin"),
         _fs("bigann/bigann_base.bvecs", "bigann/base.1B.u8bin", "bigann/base.1B.u8bin.crop_nb_1000000"),
         _fs("bigann/bigann_query.bvecs", "bigann/query.public.10K.u8bin"),
-        _fs("bigann/gnd/idx_1M.ivecs"), 10_000, _M, f"{_TEXMEX} (bigann_*), {_QINCO} or {_BIGANN}"),
+        _fs("bigann/gnd/idx_1M.ivecs"), 10_000, _M,
+        (f"{_TEXMEX} (bigann_*)", f"{_QINCO} ({_QINCO_SH}; -small: 10M training prefix, 1M base)", _BIGANN)),
     "deep1M": _Spec(
         _fs("deep1b/learn.fvecs", "deep1b/learn10M10k.fvecs", "deep1b/learn.350M.fbin"),
         _fs("deep1b/base.fvecs", "deep1b/base.1B.fbin", "deep1b/base.1B.fbin.crop_nb_1000000"),
         _fs("deep1b/deep1B_queries.fvecs", "deep1b/query.public.10K.fbin"),
-        _fs("deep1b/deep1M_groundtruth.ivecs"), 10_000, _M, f"{_QINCO} or {_BIGANN}"),
+        _fs("deep1b/deep1M_groundtruth.ivecs"), 10_000, _M, (f"{_QINCO}deep1b/ ({_QINCO_SH})", _BIGANN)),
     "fb_ssnpp": _Spec(
         # big-ann-benchmarks ships no FB_ssnpp training file: train on the database after its first 1M rows.
         (_File("fb_ssnpp/training_set10010k.npy"), _File("FB_ssnpp/FB_ssnpp_database.u8bin", _M)),
         _fs("fb_ssnpp/database1M.npy", "FB_ssnpp/FB_ssnpp_database.u8bin",
             "FB_ssnpp/FB_ssnpp_database.u8bin.crop_nb_1000000"),
         _fs("fb_ssnpp/queries.npy", "FB_ssnpp/FB_ssnpp_public_queries.u8bin"),
-        _fs("fb_ssnpp/ground_truth1M.npy"), 10_000, _M, f"{_QINCO} or {_BIGANN}"),
+        _fs("fb_ssnpp/ground_truth1M.npy"), 10_000, _M, (f"{_QINCO} ({_QINCO_SH})", _BIGANN)),
     "contriever1M": _Spec(
         _fs("contriever/training_set.npy"), _fs("contriever/database1M.npy"), _fs("contriever/queries.npy"),
-        _fs("contriever/ground_truth1M.npy"), 10_000, _M, f"{_QINCO}ContrieverEmb/"),
+        _fs("contriever/ground_truth1M.npy"), 10_000, _M, (f"{_QINCO}ContrieverEmb/ ({_QINCO_SH})",)),
     "sift1M": _Spec(
         _fs("sift/sift_learn.fvecs", "sift1M/sift_learn.fvecs"), _fs("sift/sift_base.fvecs", "sift1M/sift_base.fvecs"),
         _fs("sift/sift_query.fvecs", "sift1M/sift_query.fvecs"),
-        _fs("sift/sift_groundtruth.ivecs", "sift1M/sift_groundtruth.ivecs"), 5_000, _M, f"{_TEXMEX}sift.tar.gz"),
+        _fs("sift/sift_groundtruth.ivecs", "sift1M/sift_groundtruth.ivecs"), 5_000, _M, (f"{_TEXMEX}sift.tar.gz",)),
 }
 _ALIASES = {**{k.lower(): k for k in _SETS}, "fb_ssnpp1m": "fb_ssnpp"}
 
@@ -266,10 +277,10 @@ def _locate(root: Path, name: str, role: str, required: bool = True) -> tuple[Pa
     looked = "\n  ".join(str(root / f.rel) for f in getattr(spec, role))
     msg = (f"{name}: no {role} file found. Looked for:\n  {looked}\n"
            f"Data folder: {root} (argument data_dir, else $QINCO_DATA_DIR, else ./data). "
-           f"The data comes from {spec.source}")
+           "The data comes from:\n  " + "\n  ".join(spec.source))
     if required:
         raise QincoInputError(msg)
-    warnings.warn(msg + "; continuing without ground truth", stacklevel=3)
+    warnings.warn(f"{msg}\nContinuing without ground truth (gt=None).", stacklevel=3)
     return None
 
 
@@ -278,11 +289,10 @@ def _split(x: np.ndarray, nt: int | None, nval: int, src: str) -> tuple[np.ndarr
     n = x.shape[0]
     if nval < 0 or (nt is not None and nt < 1):
         raise QincoInputError(f"need nt >= 1 and nval >= 0, got nt={nt}, nval={nval}")
+    want = f"nt + nval = {nt:,} + {nval:,} = {nt + nval:,}" if nt is not None else f"nval + 1 = {nval + 1:,}"
     nt = n - nval if nt is None else nt
     if nt < 1 or nt + nval > n:
-        raise QincoInputError(
-            f"{src} holds {n:,} training vectors, fewer than nt + nval = {max(nt, 1):,} + {nval:,} = {max(nt, 1) + nval:,}"
-        )
+        raise QincoInputError(f"{src} holds {n:,} training vectors, fewer than {want}")
     return x[:nt], x[nt : nt + nval]
 
 
@@ -335,11 +345,12 @@ def load_dataset(
     key = _ALIASES.get(str(name).lower())
     if key is None:
         raise QincoInputError(f"unknown dataset {name!r}; known: {', '.join(_SETS)} (or use load_files)")
-    spec, root = _SETS[key], Path(data_dir or os.environ.get("QINCO_DATA_DIR") or "data")
+    spec, root = _SETS[key], Path(data_dir or os.environ.get("QINCO_DATA_DIR") or "data").absolute()
     (pt, skip), (pb, _), (pq, _) = (_locate(root, key, role) for role in ("train", "db", "queries"))
     src = f"{pt} (after the {skip:,} database rows)" if skip else str(pt)
     xt, xval = _split(read_vectors(pt)[skip:], nt, spec.nval if nval is None else nval, src)
     xb_all = read_vectors(pb)
+    # A base shorter than spec.nb is taken whole; the gt id check below catches one cut short of its gt.
     xb = _limit(xb_all, min(spec.nb, xb_all.shape[0]) if nb is None else nb, str(pb))
     xq = read_vectors(pq)
     _same_d([(str(pt), xt), (str(pb), xb), (str(pq), xq)])
@@ -355,6 +366,8 @@ def load_files(
     gt: str | os.PathLike | None = None, *, nt: int | None = None, nval: int = 10_000, nb: int | None = None,
 ) -> Dataset:
     """A Dataset from user files in any supported format (xt/xval split from `train`)."""
+    if nb is not None and db is None:
+        raise QincoInputError(f"nb={nb} given without a database file")
     xt, xval = _split(read_vectors(train), nt, nval, str(train))
     xb = None if db is None else read_vectors(db)
     xb = xb if xb is None or nb is None else _limit(xb, nb, str(db))
@@ -414,10 +427,12 @@ def synthetic(
     d: int = 32, nt: int = 20_000, nval: int = 2_000, nb: int = 20_000, nq: int = 1_000, seed: int = 0
 ) -> Dataset:
     """Deterministic structured demo data (float32, non-negative) with exact ground truth (k = min(100, nb))."""
-    if d < 1 or nt < 1 or min(nval, nb, nq) < 0:
-        raise QincoInputError(f"synthetic needs d, nt >= 1 and nval, nb, nq >= 0; got {d=}, {nt=}, {nval=}, {nb=}, {nq=}")
+    if d < 1 or nt < 1 or min(nval, nb, nq, seed) < 0:
+        raise QincoInputError(f"synthetic needs d, nt >= 1 and nval, nb, nq, seed >= 0; got {d=}, {nt=}, {nval=}, "
+                              f"{nb=}, {nq=}, {seed=}")
     p = _synthetic_map(d, seed)
-    xt, xval, xb, xq = (_synthetic_draw(p, n, np.random.default_rng([seed, i])) for i, n in enumerate((nt, nval, nb, nq)))
+    sizes = (nt, nval, nb, nq)
+    xt, xval, xb, xq = (_synthetic_draw(p, n, np.random.default_rng([seed, i + 1])) for i, n in enumerate(sizes))
     xb, xq = (x if len(x) else None for x in (xb, xq))
     gt = None if xb is None or xq is None else _exact_knn(xq, xb, min(100, nb))
     return Dataset("synthetic", xt, xval, xb, xq, gt)

@@ -1,0 +1,113 @@
+"""Pure training pieces: the loss, the pmap data-parallel train step, the plateau schedule.
+
+The global batch is split over every device of every process; each device computes the weighted
+squared error of its share, and `lax.pmean` of the (rescaled) local losses and gradients gives
+exactly the full-batch mean loss of the original (sum over the M prefixes, divided by B * d).
+Padded rows (weight 0) let the last, partial batch keep the same shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import jax_utils
+
+from qinco_jax.model import Qinco, QincoConfig
+
+AXIS = "batch"
+MIN_LR = 2e-6  # the original stops once the learning rate falls below this
+
+
+class TrainState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+
+
+def optimizer() -> optax.GradientTransformation:
+    """Adam's moment estimates; the step size is applied in the train step (lr changes between epochs)."""
+    return optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+
+def plateau_patience() -> int:
+    return 10
+
+
+def plateau() -> optax.GradientTransformationExtraArgs:
+    """LR /10 after 10 validations without a new best, as the original's scheduler.
+
+    cooldown=1 reproduces its rule that the epoch of a reduction does not count towards the next one.
+    """
+    return optax.contrib.reduce_on_plateau(factor=0.1, patience=plateau_patience(), rtol=0.0, atol=1e-12, cooldown=1)
+
+
+def loss_terms(cfg: QincoConfig, params, x_BD, w_B):
+    """(weighted sum of the per-vector errors summed over prefixes, sum of weights)."""
+    _, err_BM = Qinco(cfg).apply({"params": params}, x_BD)
+    return jnp.sum(err_BM.sum(axis=1) * w_B), jnp.sum(w_B)
+
+
+def _device_step(cfg: QincoConfig, state: TrainState, x_BD, w_B, lr):
+    tx = optimizer()
+
+    def local_loss(params):
+        err, count = loss_terms(cfg, params, x_BD, w_B)
+        total = jax.lax.psum(count, AXIS)
+        n_dev = jax.lax.psum(1, AXIS)
+        # pmean over devices of this equals the global sum / (global count * d)
+        return err * n_dev / (jnp.maximum(total, 1.0) * cfg.d)
+
+    loss, grads = jax.value_and_grad(local_loss)(state.params)
+    grads = jax.lax.pmean(grads, AXIS)
+    loss = jax.lax.pmean(loss, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+    return TrainState(params, opt_state), loss
+
+
+@functools.lru_cache(maxsize=8)
+def train_step(cfg: QincoConfig, devices: tuple | None = None):
+    """pmap-ed step(state, x (n_local_dev, b, d), w (n_local_dev, b), lr) -> (state, loss per device).
+
+    devices: the local devices to use (default: all of them, and on every process).
+    """
+    return jax.pmap(
+        functools.partial(_device_step, cfg),
+        axis_name=AXIS,
+        in_axes=(0, 0, 0, None),
+        donate_argnums=(0,),
+        devices=list(devices) if devices else None,
+    )
+
+
+def init_state(params) -> TrainState:
+    """Fresh Adam state for params (host arrays)."""
+    return TrainState(params, optimizer().init(params))
+
+
+def replicate(state: TrainState, devices: tuple | None = None) -> TrainState:
+    """Copy a host state onto every local device (leading device axis)."""
+    return jax_utils.replicate(state, devices=list(devices) if devices else None)
+
+
+def unreplicate(state: TrainState) -> TrainState:
+    """Host copy of the first device's state."""
+    return jax.device_get(jax_utils.unreplicate(state))
+
+
+def shard_batch(x_BD: np.ndarray, w_B: np.ndarray, n_dev: int):
+    """Reshape this process's share of the global batch to (n_dev, b, ...)."""
+    b = x_BD.shape[0] // n_dev
+    return x_BD.reshape(n_dev, b, x_BD.shape[1]), w_B.reshape(n_dev, b)
+
+
+def check_batch(global_batch: int, n_devices: int) -> None:
+    if global_batch % n_devices:
+        raise ValueError(
+            f"the global batch size {global_batch} does not split evenly over {n_devices} devices; "
+            f"use a batch size that is a multiple of {n_devices}"
+        )

@@ -1,0 +1,95 @@
+"""The data-parallel train step and the plateau schedule."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import qinco_jax as qj
+from qinco_jax import training
+from qinco_jax.model import Qinco
+
+from conftest import TINY, near_codes, random_codec
+
+
+def _run_step(codec, x, w, devices, lr=1e-3, steps=1):
+    n = len(devices)
+    state = training.replicate(training.init_state(codec.params), devices)
+    step = training.train_step(TINY, tuple(devices))
+    xs, ws = training.shard_batch(x / codec.scale, w, n)
+    for _ in range(steps):
+        state, loss = step(state, xs, ws, lr)
+    return training.unreplicate(state), float(loss[0])
+
+
+def test_eight_devices_equal_one_device():
+    assert jax.local_device_count() == 8
+    codec = random_codec(scale=2.0)
+    x = near_codes(codec, 1024, noise=0.2)
+    w = np.ones(1024, np.float32)
+    s8, l8 = _run_step(codec, x, w, jax.local_devices(), steps=2)
+    s1, l1 = _run_step(codec, x, w, jax.local_devices()[:1], steps=2)
+    assert l8 == pytest.approx(l1, rel=1e-5)
+    diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), s8.params, s1.params)
+    assert max(jax.tree.leaves(diff)) < 1e-6
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), s1.params, codec.params)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the step did change the parameters
+
+
+def test_loss_is_the_original_mean_and_padding_is_ignored():
+    codec = random_codec(scale=2.0)
+    x = near_codes(codec, 1000, noise=0.2)
+    xs = x / codec.scale
+    _, err = Qinco(TINY).apply({"params": codec.params}, xs)
+    want = float(np.asarray(err).sum() / (1000 * TINY.d))  # the original: losses.sum() / B / d
+    xp = np.zeros((1024, TINY.d), np.float32)
+    xp[:1000] = x
+    w = np.zeros(1024, np.float32)
+    w[:1000] = 1
+    s_pad, loss = _run_step(codec, xp, w, jax.local_devices())
+    assert loss == pytest.approx(want, rel=1e-5)
+    s_ref, _ = _run_step(codec, x[:1000], np.ones(1000, np.float32), jax.local_devices()[:1])
+    diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), s_pad.params, s_ref.params)
+    assert max(jax.tree.leaves(diff)) < 1e-6
+
+
+def test_step_matches_plain_adam():
+    codec = random_codec(scale=2.0)
+    x = near_codes(codec, 512, noise=0.2) / codec.scale
+    s1, _ = _run_step(codec, x * codec.scale, np.ones(512, np.float32), jax.local_devices()[:1], lr=1e-3)
+    model, tx = Qinco(TINY), optax.adam(1e-3)
+    g = jax.grad(lambda p: model.apply({"params": p}, x)[1].sum() / x.size)(codec.params)
+    upd, _ = tx.update(g, tx.init(codec.params))
+    ref = optax.apply_updates(codec.params, upd)
+    diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), s1.params, ref)
+    assert max(jax.tree.leaves(diff)) < 1e-6
+
+
+def test_batch_must_split_over_devices():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        training.check_batch(1020, 8)
+
+
+def _original_scheduler(vals, lr0):
+    """The original's host-side rule (spec §2.5): lr /10 when E > last_update + 10 and the last 10 > best."""
+    lr, last_update, lrs = lr0, 0, []
+    for e in range(1, len(vals) + 1):
+        best = min(vals[:e])
+        if e > last_update + 10 and all(v > best for v in vals[e - 10 : e]):
+            lr /= 10
+            last_update = e
+        lrs.append(lr)
+    return lrs
+
+
+def test_plateau_reproduces_the_original_scheduler():
+    rng = np.random.default_rng(0)
+    vals = list(np.r_[np.linspace(10, 5, 20), 5 + rng.uniform(0.01, 1, 40), [4.0], 4 + rng.uniform(0.01, 1, 30)])
+    tx = training.plateau()
+    state = tx.init({})
+    lrs = []
+    for v in vals:
+        _, state = tx.update({}, state, value=np.float32(v))
+        lrs.append(1e-3 * float(state.scale))
+    np.testing.assert_allclose(lrs, _original_scheduler(vals, 1e-3), rtol=1e-5)
+    assert len(set(np.round(np.log10(lrs)).astype(int))) >= 4  # several reductions were exercised

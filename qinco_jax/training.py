@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import jax_utils
 
+from qinco_jax import codec as codec_mod
 from qinco_jax.model import Qinco, QincoConfig
 
 AXIS = "batch"
@@ -45,10 +46,33 @@ def plateau() -> optax.GradientTransformationExtraArgs:
     return optax.contrib.reduce_on_plateau(factor=0.1, patience=plateau_patience(), rtol=0.0, atol=1e-12, cooldown=1)
 
 
+def _slice(cfg: QincoConfig, b: int) -> int:
+    """Largest divisor of b not above the codec's inner sub-batch (cache-sized candidate tensors)."""
+    sub = codec_mod._sub_batch(cfg, b)
+    while b % sub:
+        sub -= 1
+    return sub
+
+
+def greedy_codes(cfg: QincoConfig, params, x_BD):
+    """Greedy codes of the current model, without gradient, in cache-sized slices."""
+    model, (b, d) = Qinco(cfg), x_BD.shape
+    sub = _slice(cfg, b)
+    params = jax.lax.stop_gradient(params)
+    one = lambda xb: model.apply({"params": params}, xb, method=Qinco.encode)[0]  # noqa: E731
+    return jax.lax.map(one, x_BD.reshape(b // sub, sub, d)).reshape(b, cfg.M)
+
+
 def loss_terms(cfg: QincoConfig, params, x_BD, w_B):
-    """(weighted sum of the per-vector errors summed over prefixes, sum of weights)."""
-    _, err_BM = Qinco(cfg).apply({"params": params}, x_BD)
-    return jnp.sum(err_BM.sum(axis=1) * w_B), jnp.sum(w_B)
+    """(weighted sum of the per-vector errors summed over prefixes, sum of weights).
+
+    Same loss as Qinco.__call__ (the original's forward): greedy codes, then the differentiable
+    re-decoding with every prefix's squared error.
+    """
+    codes = greedy_codes(cfg, params, x_BD)
+    xhats = Qinco(cfg).apply({"params": params}, codes, method=Qinco.decode_prefixes)
+    err_B = sum(jnp.sum(jnp.square(xh - x_BD), axis=-1) for xh in xhats)
+    return jnp.sum(err_B * w_B), jnp.sum(w_B)
 
 
 def _device_step(cfg: QincoConfig, state: TrainState, x_BD, w_B, lr):

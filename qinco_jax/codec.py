@@ -16,7 +16,7 @@ from qinco_jax.progress import Progress
 
 # Vectors per jitted call, and per inner sub-batch: the inner (sub, K, max(d, h)) activations stay
 # cache-sized while the outer chunk amortises dispatch. Chosen by eval/bench_codec.py (see README).
-DEFAULT_CHUNK = 4096
+DEFAULT_CHUNK = 1024
 SUB_ELEMS = 1 << 20
 
 

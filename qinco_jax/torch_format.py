@@ -20,22 +20,21 @@ and the data scale.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import functools
 import io
+import math
 import os
 import pickle
+import pickletools
 import re
 import zipfile
 
 import numpy as np
 
-from qinco_jax.checks import QincoInputError
+from qinco_jax.checks import CheckpointError
 from qinco_jax.model import QincoConfig
-
-
-class CheckpointError(QincoInputError):
-    """A file that cannot be read as a PyTorch QINCo v1 checkpoint."""
 
 
 MAX_PICKLE_BYTES = 64 << 20  # data.pkl of a real model is tens of KB; its tensors live elsewhere
@@ -55,6 +54,7 @@ _TORCH_MODULES = frozenset({
 })
 _QINCO_CLASSES = frozenset({"QINCo", "QINCoLR", "QINCoStep"})
 _UNSUPPORTED = {"IVFQINCo": "IVF-QINCo", "PQ_QINCo": "PQ-QINCo"}
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
 _KEY_RE = re.compile(r"[A-Za-z0-9_.]{1,64}")
 
 
@@ -79,6 +79,7 @@ class ModuleRecord:
 
     @property
     def name(self) -> str:
+        """The class name without its module (e.g. 'QINCoStep')."""
         return self.torch_class.rsplit(".", 1)[-1]
 
 
@@ -110,6 +111,7 @@ class _DtypeSpec:
         self.order = state[1]
 
     def numpy(self) -> np.dtype:
+        """The numpy dtype it stands for."""
         return np.dtype(self.code).newbyteorder(self.order)
 
 
@@ -168,11 +170,11 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     flat = storage.array()
     if 0 in size:
         return np.zeros(size, flat.dtype)
-    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
-    if end > flat.size or int(np.prod(size)) > flat.size:
+    need = max(offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1, math.prod(size))
+    if need > flat.size:
         raise CheckpointError(
             f"storage record data/{storage.key} holds {flat.size} elements; a tensor of size {size} "
-            f"at offset {offset} needs {max(end, int(np.prod(size)))}: the file is truncated or corrupt"
+            f"at offset {offset} needs {need}: the file is truncated or corrupt"
         )
     view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride])
     return np.array(view, copy=True)
@@ -193,7 +195,6 @@ def _rebuild_parameter_with_state(data, requires_grad=True, backward_hooks=None,
 _SAFE_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
-    ("__builtin__", "set"): set,
     ("_codecs", "encode"): _latin1_encode,
     ("numpy", "dtype"): _DtypeSpec,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
@@ -204,8 +205,17 @@ _SAFE_GLOBALS = {
 }
 
 
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """Python 2 names (as protocol-2 pickles write them, e.g. __builtin__.set) mapped as pickle does."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 def resolve_global(module: str, name: str):
     """The inert stand-in for a global named by a checkpoint pickle; CheckpointError for any other."""
+    written = f"{module}.{name}"
+    module, name = _python3_name(module, name)
     if (module, name) in _SAFE_GLOBALS:
         return _SAFE_GLOBALS[(module, name)]
     if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
@@ -219,9 +229,9 @@ def resolve_global(module: str, name: str):
             raise CheckpointError(
                 f"{module}.{name}: {_UNSUPPORTED[name]} checkpoints are not supported (only QINCo and QINCo-LR)"
             )
-    hint = ""
+    hint = "" if written == f"{module}.{name}" else f" (written as {written})"
     if module.rsplit(".", 1)[-1] == "train_qinco":
-        hint = " (this looks like a multi-GPU training checkpoint; load the model saved with --model instead)"
+        hint += " (this looks like a multi-GPU training checkpoint; load the model saved with --model instead)"
     raise CheckpointError(f"refused to load global {module}.{name}: it is not part of a QINCo v1 checkpoint{hint}")
 
 
@@ -279,13 +289,17 @@ class _Archive:
         try:
             info = self.zf.getinfo(full)
         except KeyError:
-            raise CheckpointError(f"checkpoint {self.path!r} has no record {full!r}: the file is truncated or corrupt") from None
+            raise CheckpointError(
+                f"checkpoint {self.path!r} has no record {full!r}: the file is truncated or corrupt"
+            ) from None
         if limit is not None and info.file_size > limit:
             raise CheckpointError(f"record {full!r} of {self.path!r} is too large ({info.file_size} bytes)")
         try:
             return self.zf.read(info)
         except Exception as e:  # BadZipFile (CRC), zlib.error, EOFError, OSError on a cut file
-            raise CheckpointError(f"cannot read record {full!r} of {self.path!r}: the file is truncated or corrupt ({e})") from None
+            raise CheckpointError(
+                f"cannot read record {full!r} of {self.path!r}: the file is truncated or corrupt ({e})"
+            ) from None
 
     def _byteorder(self) -> str:
         """'<' or '>' from the optional byteorder record (little-endian when absent)."""
@@ -309,23 +323,23 @@ class _Archive:
         return _Storage(self, key, stype, numel)
 
     def storage_array(self, key: str, stype: _StorageType, numel: int) -> np.ndarray:
-        """Record data/<key> as numel elements of stype (cached)."""
+        """The first numel elements of record data/<key> read as stype (records are cached)."""
         if (key, stype.code) not in self._arrays:
-            self._arrays[(key, stype.code)] = self._decode(key, stype, numel)
+            self._arrays[(key, stype.code)] = self._decode(key, stype)
         arr = self._arrays[(key, stype.code)]
+        if arr.size < numel:
+            raise CheckpointError(
+                f"storage record data/{key} of {self.path!r} holds {arr.size} elements, its {stype.name} "
+                f"needs {numel}: the file is truncated or corrupt"
+            )
         return arr[:numel]
 
-    def _decode(self, key: str, stype: _StorageType, numel: int) -> np.ndarray:
-        """Read and type one storage record; the record must hold at least numel elements."""
+    def _decode(self, key: str, stype: _StorageType) -> np.ndarray:
+        """All whole elements of one storage record, native-endian (bfloat16 widened to float32)."""
         code = "u2" if stype.code == "bf16" else stype.code
         dt = np.dtype(code).newbyteorder(self.byteorder if code != "b1" else "|")
         raw = self.read(f"data/{key}")
-        if len(raw) < numel * dt.itemsize:
-            raise CheckpointError(
-                f"storage record data/{key} of {self.path!r} has {len(raw)} bytes, its {stype.name} needs "
-                f"{numel * dt.itemsize}: the file is truncated or corrupt"
-            )
-        arr = np.frombuffer(raw, dt, count=numel).astype(dt.newbyteorder("="))
+        arr = np.frombuffer(raw, dt, count=len(raw) // dt.itemsize).astype(dt.newbyteorder("="))
         if stype.code == "bf16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
@@ -357,16 +371,34 @@ def _find_prefix(zf: zipfile.ZipFile, path: str) -> str:
     return found[0][: -len("data.pkl")]
 
 
-def read_objects(path):
-    """Unpickle a checkpoint's data.pkl into inert records (ModuleRecord, numpy arrays, dicts...)."""
-    archive = _Archive(path)
-    data = archive.read("data.pkl", limit=MAX_PICKLE_BYTES)
+def _prescan(data: bytes) -> None:
+    """Parse the opcodes without running them; refuse memo indices a real pickle never uses.
+
+    CPython's unpickler grows its memo to the largest index seen, so a corrupt index would
+    allocate gigabytes before any global is resolved.
+    """
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in _MEMO_OPS and isinstance(arg, int) and arg > len(data):
+            raise CheckpointError(f"memo index {arg} is out of range (the pickle is corrupt)")
+
+
+def unpickle(data: bytes, archive: "_Archive | None" = None, what: str = "data.pkl"):
+    """Restricted unpickling of checkpoint bytes, every failure reported as CheckpointError."""
     try:
+        _prescan(data)
         return RestrictedUnpickler(io.BytesIO(data), archive).load()
     except CheckpointError:
         raise
-    except Exception as e:  # UnpicklingError, EOFError, TypeError from a mangled stream, ...
-        raise CheckpointError(f"data.pkl of {archive.path!r} is corrupt: {type(e).__name__}: {e}") from None
+    except Exception as e:  # UnpicklingError, EOFError, TypeError, MemoryError from a mangled stream, ...
+        raise CheckpointError(f"{what} is corrupt: {type(e).__name__}: {e}") from None
+
+
+def read_objects(path):
+    """Unpickle a checkpoint's data.pkl into inert records (ModuleRecord, numpy arrays, dicts...)."""
+    archive = _Archive(path)
+    try:
+        data = archive.read("data.pkl", limit=MAX_PICKLE_BYTES)
+        return unpickle(data, archive, f"data.pkl of {archive.path!r}")
     finally:
         archive.zf.close()
 
@@ -443,6 +475,10 @@ def _step_names(top: ModuleRecord, M: int) -> list[str]:
     mods = top.state.get("_modules")
     if not isinstance(mods, dict):
         raise CheckpointError("the QINCo module has no submodules")
+    if not all(isinstance(k, str) for k in mods):
+        raise CheckpointError("the QINCo module has submodules with non-string names")
+    if len(mods) != M:  # checked first: M comes from the file and may be absurdly large
+        raise CheckpointError(f"the QINCo module has {len(mods)} submodules {sorted(mods)[:6]}, expected M={M}")
     want = ["codebook0"] + [f"step{m}" for m in range(1, M)]
     if sorted(mods) != sorted(want):
         raise CheckpointError(f"the QINCo module has submodules {sorted(mods)}, expected {want} for M={M}")
@@ -466,11 +502,10 @@ def _config(top: ModuleRecord) -> tuple[QincoConfig, list[str]]:
     """QincoConfig from the module attributes and structure, plus the step names."""
     d, K, L, M, h = (_int_attr(top, a) for a in ("d", "K", "L", "M", "h"))
     steps = _step_names(top, M)
+    lowrank = _is_lowrank(top, steps)
     try:
-        cfg = QincoConfig(d=d, K=K, M=M, L=L, h=h, lowrank=_is_lowrank(top, steps))
+        cfg = QincoConfig(d=d, K=K, M=M, L=L, h=h, lowrank=lowrank)
     except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
         raise CheckpointError(f"invalid architecture in the checkpoint: {e}") from None
     return cfg, steps
 
@@ -483,7 +518,7 @@ def _step_params(step: ModuleRecord, cfg: QincoConfig, name: str) -> dict:
             raise CheckpointError(f"{name}.{attr} = {step.state[attr]} disagrees with the model's {attr} = {want}")
     mods = step.state.get("_modules") or {}
     blocks = sorted(k for k in mods if k.startswith("residual_block"))
-    if blocks != sorted(f"residual_block{l}" for l in range(L)):
+    if len(blocks) != L or blocks != sorted(f"residual_block{l}" for l in range(L)):
         raise CheckpointError(f"{name} has residual blocks {blocks}, expected {L} (L={L})")
     cb = _submodule(step, "codebook", f"{name}.codebook", "Embedding")
     out = {"codebook": _tensor(cb, "weight", f"{name}.codebook.weight", (K, d))}
@@ -518,6 +553,16 @@ def _db_scale(top: ModuleRecord) -> float:
 
 def convert(obj) -> tuple[QincoConfig, dict, float]:
     """(config, params, scale) from the unpickled record tree of a QINCo / QINCoLR checkpoint."""
+    try:
+        return _convert(obj)
+    except CheckpointError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError) as e:  # odd attribute types
+        raise CheckpointError(f"malformed QINCo module in the checkpoint: {type(e).__name__}: {e}") from None
+
+
+def _convert(obj) -> tuple[QincoConfig, dict, float]:
+    """convert() without the safety net for malformed record trees."""
     top = _top_module(obj)
     cfg, steps = _config(top)
     cb0 = _submodule(top, "codebook0", "codebook0", "Embedding")

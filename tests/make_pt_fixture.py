@@ -1,0 +1,162 @@
+"""Regenerate the tiny PyTorch QINCo v1 checkpoints used by tests/test_torch_format.py.
+
+Needs torch (the optional `torch` extra); the tests themselves never import it:
+
+    python tests/make_pt_fixture.py [--out tests/data]
+
+It defines, in a module registered as `model_qinco`, classes with the same names, attributes
+and submodule layout as the original QINCo v1 model (spec sections 1.2-1.6), so that
+`torch.save(model, path)` writes the same pickle structure as the official training script.
+It also stores, per checkpoint, a few scaled input vectors with the torch model's greedy codes
+and the decoded reconstructions of those codes (`*_ref.npz`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+
+import numpy as np
+import torch
+from torch import nn
+
+model_qinco = types.ModuleType("model_qinco")
+sys.modules["model_qinco"] = model_qinco
+
+
+def _exported(cls):
+    """Make cls pickle as model_qinco.<name>."""
+    cls.__module__ = "model_qinco"
+    setattr(model_qinco, cls.__name__, cls)
+    return cls
+
+
+def nearest_rows(x, cb):
+    """Index of the nearest codebook row for each x row (expanded squared L2, first index on ties)."""
+    dist = (x**2).sum(1, keepdim=True) + (cb**2).sum(1)[None, :] - 2 * x @ cb.T
+    return dist.argmin(1)
+
+
+def nearest_candidates(x, cand):
+    """Per batch row, the nearest of its K candidates (B, K, d) via bmm; returns (codes, chosen)."""
+    dist = (x**2).sum(1, keepdim=True) + (cand**2).sum(2) - 2 * torch.bmm(cand, x[:, :, None])[:, :, 0]
+    codes = dist.argmin(1)
+    return codes, cand[torch.arange(x.shape[0]), codes]
+
+
+@_exported
+class QINCoStep(nn.Module):
+    """One step: codebook, concat block and L residual blocks."""
+
+    def __init__(self, d, K, L, h):
+        nn.Module.__init__(self)
+        self.d, self.K, self.L, self.h = d, K, L, h
+        self.codebook = nn.Embedding(K, d)
+        self.MLPconcat = nn.Linear(2 * d, d)
+        self.residual_blocks = []
+        for l in range(L):
+            block = nn.Sequential(nn.Linear(d, h, bias=False), nn.ReLU(), nn.Linear(h, d, bias=False))
+            self.add_module(f"residual_block{l}", block)
+            self.residual_blocks.append(block)
+
+    def implicit(self, c, xhat):
+        """f(c, xhat): concat [c, xhat], residual concat block, then the residual blocks."""
+        z = c + self.MLPconcat(torch.cat((c, xhat), 1))
+        for block in self.residual_blocks:
+            z = z + block(z)
+        return z
+
+    def decode(self, xhat, codes):
+        return self.implicit(self.codebook(codes), xhat)
+
+    def encode(self, xhat, x):
+        C = self.codebook.weight
+        K, d = C.shape
+        bs = xhat.shape[0]
+        c_r = C.repeat(bs, 1, 1).reshape(bs * K, d)
+        xhat_r = xhat.reshape(bs, 1, d).repeat(1, K, 1).reshape(bs * K, d)
+        cand = self.implicit(c_r, xhat_r).reshape(bs, K, d) + xhat.reshape(bs, 1, d)
+        codes, xhat_next = nearest_candidates(x, cand)
+        return codes, xhat_next - xhat
+
+
+@_exported
+class QINCo(nn.Module):
+    """codebook0 followed by M-1 QINCo steps registered as step1 .. step{M-1}."""
+
+    def __init__(self, d, K, L, M, h):
+        nn.Module.__init__(self)
+        self.d, self.K, self.L, self.M, self.h = d, K, L, M, h
+        self.codebook0 = nn.Embedding(K, d)
+        self.steps = []
+        for m in range(1, M):
+            step = QINCoStep(d, K, L, h)
+            self.add_module(f"step{m}", step)
+            self.steps.append(step)
+
+    def decode(self, codes):
+        xhat = self.codebook0(codes[:, 0])
+        for i, step in enumerate(self.steps):
+            xhat = xhat + step.decode(xhat, codes[:, i + 1])
+        return xhat
+
+    def encode(self, x):
+        codes = torch.zeros(x.shape[0], len(self.steps) + 1, dtype=torch.int64)
+        codes[:, 0] = nearest_rows(x, self.codebook0.weight)
+        xhat = self.codebook0.weight[codes[:, 0]]
+        for i, step in enumerate(self.steps):
+            codes[:, i + 1], delta = step.encode(xhat, x)
+            xhat = xhat + delta
+        return codes, xhat
+
+
+@_exported
+class QINCoLR(QINCo):
+    """QINCo whose concat block is a bias-free rank-h factorisation 2d -> h -> d."""
+
+    def __init__(self, d, K, L, M, h):
+        QINCo.__init__(self, d, K, L, M, h)
+        for step in self.steps:
+            step.MLPconcat = nn.Sequential(nn.Linear(2 * d, h, bias=False), nn.Linear(h, d, bias=False))
+
+
+def make(cls, out_dir, name, d, K, M, L, h, db_scale, n=24, seed=0):
+    """Build, save and reference-encode one tiny model."""
+    torch.manual_seed(seed)
+    model = cls(d, K, L, M, h)
+    model.db_scale = np.float32(db_scale)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    # Inputs near the first-level codewords plus noise, so the steps have work to do.
+    x = model.codebook0.weight[torch.randint(0, K, (n,), generator=gen)] + 0.5 * torch.randn(n, d, generator=gen)
+    with torch.no_grad():
+        x = x.detach()
+        codes, xhat = model.encode(x)
+        recon = model.decode(codes)
+    torch.save(model, os.path.join(out_dir, f"{name}.pt"))
+    np.savez(
+        os.path.join(out_dir, f"{name}_ref.npz"),
+        x=x.numpy().astype(np.float32),
+        codes=codes.numpy(),
+        recon=recon.numpy().astype(np.float32),
+        encode_xhat=xhat.numpy().astype(np.float32),
+        config=np.array([d, K, M, L, h], np.int64),
+        lowrank=np.array(cls is QINCoLR),
+        db_scale=np.float32(db_scale),
+    )
+    print(f"{name}: {cls.__name__} d={d} K={K} M={M} L={L} h={h}, codes[0]={codes[0].tolist()}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    make(QINCo, args.out, "qinco_tiny", d=8, K=16, M=3, L=2, h=12, db_scale=2.75)
+    make(QINCoLR, args.out, "qinco_lr_tiny", d=8, K=16, M=4, L=1, h=6, db_scale=37.5, seed=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -203,8 +203,8 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
-def plot_metrics(rows: list[dict], path: str) -> bool:
-    """PNG of train loss and validation MSE per epoch; False when matplotlib is not installed."""
+def plot_metrics(rows: list[dict], path: str, baselines: dict | None = None) -> bool:
+    """PNG of train loss and validation MSE per epoch (baselines as dashed lines); False without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -217,6 +217,10 @@ def plot_metrics(rows: list[dict], path: str) -> bool:
     a.plot(ep, [r["train_loss"] for r in rows], "o-")
     a.set(xlabel="epoch", ylabel="train loss (scaled, summed over steps)", title="training loss", yscale="log")
     b.plot(ep, [r["val_mse"] for r in rows], "o-", color="C1")
+    for i, (name, value) in enumerate((baselines or {}).items()):
+        b.axhline(value, ls="--", color=f"C{i + 2}", label=name)
+    if baselines:
+        b.legend()
     b.set(xlabel="epoch", ylabel="validation MSE (raw units)", title="validation MSE", yscale="log")
     for ax in (a, b):
         ax.grid(True, alpha=0.3)
@@ -235,7 +239,8 @@ def summarize(cfg: TrainConfig, ds: data.Dataset, meta: dict, workdir: str, log)
         res[f"rq_beam{beam}_val_mse"] = rq_val_mse(ds.xt, ds.xval, mcfg.M, mcfg.K, beam)
     if jax.process_index() == 0:
         _write_json(os.path.join(workdir, "summary.json"), res)
-        if plot_metrics(read_metrics(workdir), os.path.join(workdir, "training.png")):
+        rq = {f"faiss RQ, beam {b}": res[f"rq_beam{b}_val_mse"] for b in (1, 5)}
+        if plot_metrics(read_metrics(workdir), os.path.join(workdir, "training.png"), rq):
             log(f"plot: {os.path.join(workdir, 'training.png')}")
     nbytes = mcfg.M * np.log2(mcfg.K) / 8
     log(f"\nvalidation MSE on {ds.xval.shape[0]} vectors, {nbytes:g} bytes per vector (M={mcfg.M}, K={mcfg.K}):")

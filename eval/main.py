@@ -1,0 +1,368 @@
+"""Evaluate a QINCo codec: MSE, exact-search recalls, encode/decode time, faiss baselines, rate-distortion.
+
+    python eval/main.py --model runs/demo --dataset synthetic --baselines      # after `python train/main.py`
+    python eval/main.py --model runs/bigann --dataset bigann1M --data-dir data --baselines --nt-baselines 100000
+    python eval/main.py --model bigann_8x8_L2.pt --dataset bigann1M --nb 100000   # official checkpoint
+    python eval/main.py --model runs/mine --db base.fvecs --queries queries.fvecs --gt gt.ivecs \\
+        --train learn.fvecs --nt 500000 --baselines PQ,OPQ,RQ,RQ-beam5 --out mine.json --plot mine.png
+
+The database is encoded chunk by chunk (a memmap is streamed) and decoded into a float32 array; with
+--decoded-dir that array is a temporary memory-mapped file in that folder (for databases larger than RAM).
+Queries are searched exactly (L2, blocks of the decoded database); without ground truth it is computed
+exactly on the raw database. MSE is the per-vector squared L2 error in raw units, averaged over the database.
+Timings are wall-clock per database vector, after one warm-up chunk (JIT compilation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+if __package__ in (None, ""):  # `python eval/main.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import qinco_jax as qj  # noqa: E402
+from eval import baselines, metrics, report  # noqa: E402
+from qinco_jax import codec as codec_mod  # noqa: E402
+from qinco_jax import data  # noqa: E402
+from qinco_jax.checks import QincoInputError  # noqa: E402
+from qinco_jax.progress import Progress  # noqa: E402
+
+KS = (1, 10, 100)
+COLUMNS = ("method", "bytes", "mse", "r1", "r10", "r100", "encode_us", "decode_us")
+DECODE_CHUNK = 16384
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="training workdir, saved codec directory or official .pt file")
+    g = ap.add_argument_group("data")
+    g.add_argument("--dataset", help="synthetic (default), bigann1M, deep1M, fb_ssnpp, contriever1M, sift1M")
+    g.add_argument("--data-dir", help="dataset root (else $QINCO_DATA_DIR, else ./data)")
+    g.add_argument("--db", help="your database vectors (.fvecs .bvecs .fbin .u8bin .npy ...)")
+    g.add_argument("--queries", help="query vectors (with --db)")
+    g.add_argument("--gt", help="ground-truth ids (with --db; default: exact search in the raw database)")
+    g.add_argument("--train", help="training vectors of the baselines (with --db)")
+    g.add_argument("--nt", type=int, help="use the first nt training vectors (as given to train/main.py)")
+    g.add_argument("--nb", type=int, help="use the first nb database vectors (synthetic: generate nb)")
+    g = ap.add_argument_group("baselines")
+    g.add_argument("--baselines", nargs="?", const=",".join(baselines.BASELINES), metavar="LIST",
+                   help=f"also faiss baselines at the same code size: all of {','.join(baselines.BASELINES)} "
+                        "or a comma-separated subset")
+    g.add_argument("--nt-baselines", type=int, default=100_000,
+                   help="train the baselines on at most this many training vectors (default 100000)")
+    g.add_argument("--rd-lsq", action="store_true", help="include LSQ in the rate-distortion curves (slow)")
+    g = ap.add_argument_group("output")
+    g.add_argument("--name", help="label of the data in the report (default: --dataset, else the --db file's name)")
+    g.add_argument("--out", help="results JSON (default: beside the model, else ./eval_results.json)")
+    g.add_argument("--plot", help="rate-distortion PNG (default: the JSON path with .png)")
+    g.add_argument("--decoded-dir", help="hold the decoded database in a temporary memmap file in this folder")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return ap
+
+
+def log(msg: str) -> None:
+    """Progress messages go to stderr; stdout holds the results."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_data(args) -> data.Dataset:
+    """Database, queries, ground truth (if any) and training vectors named by the flags."""
+    if args.db is None:
+        for flag in ("queries", "gt", "train"):
+            if getattr(args, flag):
+                raise QincoInputError(f"--{flag} needs --db (or use --dataset alone)")
+        name = args.dataset or "synthetic"
+        if name == "synthetic":  # the same draw as train/main.py's default data
+            return data.synthetic(seed=0, **{k: v for k, v in (("nt", args.nt), ("nb", args.nb)) if v is not None})
+        return data.load_dataset(name, args.data_dir, nt=args.nt, nval=0, nb=args.nb)
+    if args.dataset:
+        raise QincoInputError("give either --dataset or --db/--queries, not both")
+    if args.queries is None:
+        raise QincoInputError("--db needs --queries (the search queries)")
+    if args.baselines and args.train is None:
+        raise QincoInputError("--baselines with --db needs --train (the vectors to train the baselines on)")
+    nt = args.nt if args.train else None
+    return data.load_files(args.train or args.db, args.db, args.queries, args.gt, nt=nt, nval=0, nb=args.nb)
+
+
+def check_inputs(codec: qj.Codec, ds: data.Dataset) -> np.ndarray | None:
+    """Dimension, finiteness and ground-truth checks before any long computation; returns the checked gt."""
+    if ds.xb is None or ds.xq is None:
+        raise QincoInputError(f"{ds.name}: a database and queries are needed for the evaluation")
+    d = codec.config.d
+    for what, x in (("database", ds.xb), ("queries", ds.xq)):
+        if x.shape[1] != d:
+            raise QincoInputError(f"the model encodes d={d} vectors but the {what} has dimension d={x.shape[1]}")
+    data.check_finite(ds.xq, "query vectors")
+    data.check_finite(ds.xb, "database vectors")
+    if ds.gt is None:
+        return None
+    return metrics.check_groundtruth(ds.gt, ds.xb.shape[0], ds.xq.shape[0])
+
+
+def baseline_names(spec: str | None) -> list[str]:
+    """The baselines asked for by --baselines (a comma-separated list)."""
+    names = [s.strip() for s in (spec or "").split(",") if s.strip()]
+    unknown = [n for n in names if n not in baselines.BASELINES]
+    if unknown:
+        raise QincoInputError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(baselines.BASELINES)}")
+    return names
+
+
+def baseline_train_set(xt: np.ndarray, n: int) -> np.ndarray:
+    """At most n training vectors as float32 (a fixed random subset, read in file order)."""
+    if n < 1:
+        raise QincoInputError(f"--nt-baselines must be >= 1, got {n}")
+    if xt.shape[0] > n:
+        xt = xt[np.sort(np.random.default_rng(0).choice(xt.shape[0], n, replace=False))]
+    xt = np.ascontiguousarray(xt, dtype=np.float32)
+    data.check_finite(xt, "training vectors")
+    return xt
+
+
+def default_out(model: str, name: str) -> Path:
+    """eval_<name>.json in a model directory or beside a model file; ./eval_results.json if not writable."""
+    p = Path(model).absolute()
+    out = p / f"eval_{name}.json" if p.is_dir() else p.with_name(f"{p.stem}_eval_{name}.json")
+    return out if os.access(out.parent, os.W_OK) else Path("eval_results.json")
+
+
+# ----------------------------------------------------------------------------- QINCo
+
+
+def decoded_chunks(codec: qj.Codec, codes: np.ndarray, chunk: int = DECODE_CHUNK):
+    """(start, float32 reconstructions) of codes[:, :m] chunk by chunk; one jitted shape per m."""
+    n = codes.shape[0]
+    pad = min(n, codec_mod.DEFAULT_CHUNK)
+    for i in range(0, n, chunk):
+        c = np.asarray(codes[i:i + chunk])
+        rows = c.shape[0]
+        if rows < pad:  # a short last chunk would compile a new shape
+            c = np.concatenate([c, np.zeros((pad - rows, c.shape[1]), c.dtype)])
+        yield i, qj.decode(codec, c)[:rows]
+
+
+def encode_db(codec: qj.Codec, xb, progress: bool) -> tuple[np.ndarray, float]:
+    """Codes of the database (streamed in chunks) and the seconds it took, after a warm-up chunk."""
+    qj.encode(codec, xb[: min(xb.shape[0], codec_mod.DEFAULT_CHUNK)])
+    t0 = time.perf_counter()
+    codes, _ = qj.encode_with_error(codec, xb, progress=progress)
+    return codes, time.perf_counter() - t0
+
+
+def decode_into(codec: qj.Codec, codes: np.ndarray, out: np.ndarray, progress: bool) -> float:
+    """Decode all codes into the preallocated (n, d) float32 array out; returns the seconds (after warm-up)."""
+    next(decoded_chunks(codec, codes[: codec_mod.DEFAULT_CHUNK]))
+    t0 = time.perf_counter()
+    with Progress(codes.shape[0], desc="decode", enabled=progress) as bar:
+        for i, xhat in decoded_chunks(codec, codes):
+            out[i:i + xhat.shape[0]] = xhat
+            bar.update(xhat.shape[0])
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def decoded_buffer(n: int, d: int, folder: str | None):
+    """A float32 (n, d) array: in memory, or a memmap in a temporary file under folder (removed after)."""
+    if folder is None:
+        yield np.empty((n, d), np.float32)
+        return
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix="qinco_decoded_") as tmp:
+        yield np.lib.format.open_memmap(os.path.join(tmp, "xb_decoded.npy"), "w+", np.float32, (n, d))
+
+
+def search_recalls(xq, xhat, gt: np.ndarray) -> dict:
+    """{'r1': ..., 'r10': ..., 'r100': ...} of exact search in xhat (None where k exceeds the database)."""
+    ks = [k for k in KS if k <= xhat.shape[0]]
+    _, I = metrics.knn_search(xq, xhat, max(ks))
+    got = metrics.recalls(I, gt, ks)
+    return {f"r{k}": got.get(k) for k in KS}
+
+
+def qinco_rd(codec: qj.Codec, codes: np.ndarray, xb, full_mse: float) -> list[float]:
+    """MSE of the m-step reconstructions (the first m code columns), m = 1..M."""
+    M, out = codec.config.M, []
+    for m in range(1, M):
+        total = 0.0
+        for i, xhat in decoded_chunks(codec, codes[:, :m]):
+            total += metrics.mse(xb[i:i + xhat.shape[0]], xhat) * xhat.shape[0]
+        out.append(total / codes.shape[0])
+    return out + [full_mse]
+
+
+def evaluate_qinco(codec: qj.Codec, ds: data.Dataset, gt, args) -> tuple[dict, list[float]]:
+    """The QINCo table row and its rate-distortion MSEs (m = 1..M)."""
+    n, d = ds.xb.shape
+    log(f"encoding {n:,} database vectors")
+    codes, enc_s = encode_db(codec, ds.xb, args.progress)
+    with decoded_buffer(n, d, args.decoded_dir) as xhat:
+        dec_s = decode_into(codec, codes, xhat, args.progress)
+        err = metrics.mse(ds.xb, xhat)
+        row = {"method": "QINCo", "bytes": code_bytes(codec.config.M, codec.config.K), "mse": err}
+        row.update(search_recalls(ds.xq, xhat, gt))
+    row.update(encode_us=enc_s / n * 1e6, decode_us=dec_s / n * 1e6, encode_s=enc_s, decode_s=dec_s)
+    log(f"QINCo: MSE {err:.6g}, encode {enc_s:.3g}s, decode {dec_s:.3g}s; rate-distortion (m = 1..M steps)")
+    return row, qinco_rd(codec, codes, ds.xb, err)
+
+
+def code_bytes(M: int, K: int) -> float | int:
+    """Bytes per vector of M codes of log2(K) bits (an int when whole)."""
+    b = M * math.log2(K) / 8
+    return int(b) if b == int(b) else b
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def baseline_options(name: str, d: int, M: int, nbits: int) -> dict:
+    """faiss options: OPQ learns its rotation for a PQ of the evaluated size (faiss's default: 8-bit codes)."""
+    if name != "OPQ" or d % M:
+        return {}
+    import faiss
+
+    return {"pq": faiss.ProductQuantizer(d, M, nbits)}
+
+
+def train_baseline(name: str, xt: np.ndarray, M: int, nbits: int) -> baselines.Baseline:
+    """A trained baseline of M codes x nbits bits (raises BaselineUnavailable when impossible)."""
+    opts = baseline_options(name, xt.shape[1], M, nbits)
+    b = baselines.train_baseline(name, xt, M, nbits, **opts)
+    b.options = opts  # faiss keeps raw pointers to these objects
+    return b
+
+
+def baseline_rows(names, xt, ds: data.Dataset, gt, M: int, nbits: int) -> list[dict]:
+    """Table rows of the faiss baselines at M codes of nbits bits (n/a rows where unavailable)."""
+    rows = []
+    for name in names:
+        log(f"{name}: training on {xt.shape[0]:,} vectors, encoding the database")
+        t0 = time.perf_counter()
+        try:
+            b = train_baseline(name, xt, M, nbits)
+        except baselines.BaselineUnavailable as e:
+            log(f"{name}: n/a ({e})")
+            rows.append({"method": name, "bytes": code_bytes(M, 1 << nbits), "note": str(e)})
+            continue
+        train_s = time.perf_counter() - t0
+        row = baselines.evaluate_baseline(b, ds.xb, ds.xq, gt, [k for k in KS if k <= ds.xb.shape[0]])
+        row.update(bytes=code_bytes(M, 1 << nbits), train_s=train_s)
+        for k in KS:
+            row.setdefault(f"r{k}", None)
+        log(f"{name}: MSE {row['mse']:.6g}, trained in {train_s:.1f}s")
+        rows.append(row)
+    return rows
+
+
+def faiss_nbits(K: int) -> int:
+    """Bits per code of the faiss baselines; K must be a power of two."""
+    nbits = int(round(math.log2(K)))
+    if 1 << nbits != K:
+        raise QincoInputError(f"faiss baselines need K to be a power of two, the model has K={K}")
+    return nbits
+
+
+def baseline_rd(name: str, xt: np.ndarray, xb, M: int, nbits: int) -> list[float | None]:
+    """MSE on xb of a baseline with m = 1..M-1 codes (None where unavailable)."""
+    out = []
+    for m in range(1, M):
+        try:
+            b = train_baseline(name, xt, m, nbits)
+        except baselines.BaselineUnavailable:
+            out.append(None)
+            continue
+        out.append(metrics.mse(xb, baselines.encode_decode(b, xb)[0]))
+    return out
+
+
+def rd_curves(codec: qj.Codec, qinco_mses: list[float], rows: list[dict], xt, xb, rd_lsq: bool) -> dict:
+    """{method: {'bytes': [...], 'mse': [...]}} at m = 1..M codes of log2(K) bits; m = M is the table's MSE."""
+    M, K = codec.config.M, codec.config.K
+    nbytes = [m * math.log2(K) / 8 for m in range(1, M + 1)]
+    curves = {"QINCo": {"bytes": nbytes, "mse": qinco_mses}}
+    for row in rows:
+        if row["method"] != "LSQ" or rd_lsq:
+            log(f"rate-distortion of {row['method']}: 1..{M - 1} codes")
+            mses = baseline_rd(row["method"], xt, xb, M, faiss_nbits(K)) + [row.get("mse")]
+            curves[row["method"]] = {"bytes": nbytes, "mse": mses}
+    return curves
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def describe(args, codec: qj.Codec, ds: data.Dataset, gt_source: str) -> dict:
+    """What was evaluated: model, architecture and data sizes."""
+    name = args.name or args.dataset or (Path(args.db).stem if args.db else "synthetic")
+    return {
+        "model": os.path.abspath(args.model), "config": codec.config.to_dict(), "scale": codec.scale,
+        "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+        "data": {"name": name, "d": int(ds.xb.shape[1]), "nb": int(ds.xb.shape[0]), "nq": int(ds.xq.shape[0]),
+                 "groundtruth": gt_source},
+    }
+
+
+def report_results(res: dict, args) -> None:
+    """Print the table; write the JSON and the rate-distortion plot."""
+    out = Path(args.out) if args.out else default_out(args.model, res["data"]["name"])
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    cfg, dat = res["config"], res["data"]
+    print(f"\n{dat['name']}: {dat['nb']:,} database vectors, {dat['nq']:,} queries (d={dat['d']}, ground truth: "
+          f"{dat['groundtruth']}); QINCo M={cfg['M']} K={cfg['K']} L={cfg['L']} h={cfg['h']}")
+    print(report.format_table(res["table"], COLUMNS))
+    curves = {k: (v["bytes"], v["mse"]) for k, v in res["rate_distortion"].items()}
+    try:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        report.plot_rate_distortion(curves, plot, title=f"{dat['name']}: MSE vs bytes per vector")
+        res["plot"] = str(plot.absolute())
+    except RuntimeError as e:
+        log(f"no plot: {e}")
+    report.write_json(out, res)
+    print(f"results: {out}" + (f"\nrate-distortion plot: {plot}" if "plot" in res else ""))
+
+
+def run(args) -> dict:
+    """Evaluate the codec (and the baselines) as the flags say; prints, writes and returns the results."""
+    names = baseline_names(args.baselines)
+    codec = qj.load(args.model)
+    nbits = faiss_nbits(codec.config.K) if names else None
+    ds = load_data(args)
+    gt = check_inputs(codec, ds)
+    if gt is None:
+        log(f"no ground truth: exact search of {ds.xq.shape[0]:,} queries in the raw database")
+        gt = metrics.exact_groundtruth(ds.xq, ds.xb, max(KS))
+    res = describe(args, codec, ds, "from the dataset" if ds.gt is not None else "exact search on the raw database")
+    row, rd = evaluate_qinco(codec, ds, gt, args)
+    xt = baseline_train_set(ds.xt, args.nt_baselines) if names else None
+    rows = baseline_rows(names, xt, ds, gt, codec.config.M, nbits) if names else []
+    res.update(table=[row] + rows, nt_baselines=None if xt is None else int(xt.shape[0]))
+    res["rate_distortion"] = rd_curves(codec, rd, rows, xt, ds.xb, args.rd_lsq)
+    report_results(res, args)
+    return res
+
+
+def main(argv=None) -> None:
+    """Command-line entry point: errors in the inputs exit with 'error: ...' and status 1."""
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (QincoInputError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qinco_jax import checks
+from qinco_jax import checks, faiss_ops
 from qinco_jax.checks import QincoInputError
-
-
-def _f32(x) -> np.ndarray:
-    """A C-contiguous float32 copy (or view) of x."""
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def mse(x, xhat, chunk: int = 65536) -> float:
@@ -29,19 +24,9 @@ def mse(x, xhat, chunk: int = 65536) -> float:
 
 def knn_search(xq, xb, k: int, block: int = 131072) -> tuple[np.ndarray, np.ndarray]:
     """Exact L2 k-NN of xq in xb, reading xb in blocks of rows; returns (D, I) with global ids like faiss.knn."""
-    import faiss
-
-    xq = _f32(checks.vectors(xq, None, "xq"))
+    xq = checks.vectors(xq, None, "xq")
     xb = checks.vectors(xb, xq.shape[1], "xb")
-    k = checks.batch_size(k, "k")
-    block = checks.batch_size(block, "block")
-    heap = faiss.ResultHeap(xq.shape[0], k)
-    for i0 in range(0, xb.shape[0], block):
-        xblk = _f32(xb[i0:i0 + block])
-        D, I = faiss.knn(xq, xblk, min(k, xblk.shape[0]))
-        heap.add_result(D, I + i0)
-    heap.finalize()
-    return heap.D, heap.I
+    return faiss_ops.knn(xq, xb, checks.batch_size(k, "k"), checks.batch_size(block, "block"))
 
 
 def recalls(I, gt, ks=(1, 10, 100)) -> dict:

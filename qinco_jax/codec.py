@@ -74,8 +74,7 @@ def init_params(cfg: QincoConfig, key: jax.Array) -> dict:
 
 def with_codebooks(params: dict, codebooks: np.ndarray) -> dict:
     """Replace the M codebooks (M, K, d) of a parameter tree (scaled domain)."""
-    params = jax.tree.map(lambda a: a, params)  # shallow copy of the containers
-    params = dict(params)
+    params = dict(params)  # new containers: the caller's tree is left as it was
     params["codebook0"] = jnp.asarray(codebooks[0], jnp.float32)
     for m in range(1, codebooks.shape[0]):
         step = dict(params[f"step_{m}"])

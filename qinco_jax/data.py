@@ -404,23 +404,11 @@ def _synthetic_draw(p: dict[str, np.ndarray], n: int, rng: np.random.Generator) 
     return (16.0 * np.logaddexp(0.0, u)).astype(np.float32)
 
 
-def _exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
-    """Exact L2 k-NN ids (nq, k) int64 of xq in xb (faiss when installed, else numpy blocks)."""
-    xq, xb = np.ascontiguousarray(xq, np.float32), np.ascontiguousarray(xb, np.float32)
-    try:
-        import faiss
+def _knn_ids(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
+    """Exact L2 k-NN ids (nq, k) int64 of xq in xb."""
+    from qinco_jax import faiss_ops
 
-        return faiss.knn(xq, xb, k)[1].astype(np.int64)
-    except ImportError:
-        pass
-    xb64 = xb.astype(np.float64)
-    nb2 = (xb64**2).sum(1)
-    out = np.empty((len(xq), k), np.int64)
-    for i in range(0, len(xq), 1024):
-        dis = nb2[None, :] - 2.0 * (xq[i : i + 1024].astype(np.float64) @ xb64.T)
-        top = np.argpartition(dis, k - 1, axis=1)[:, :k]
-        out[i : i + 1024] = np.take_along_axis(top, np.argsort(np.take_along_axis(dis, top, 1), 1), 1)
-    return out
+    return faiss_ops.knn(xq, xb, k)[1].astype(np.int64)
 
 
 def synthetic(
@@ -434,7 +422,7 @@ def synthetic(
     sizes = (nt, nval, nb, nq)
     xt, xval, xb, xq = (_synthetic_draw(p, n, np.random.default_rng([seed, i + 1])) for i, n in enumerate(sizes))
     xb, xq = (x if len(x) else None for x in (xb, xq))
-    gt = None if xb is None or xq is None else _exact_knn(xq, xb, min(100, nb))
+    gt = None if xb is None or xq is None else _knn_ids(xq, xb, min(100, nb))
     return Dataset("synthetic", xt, xval, xb, xq, gt)
 
 

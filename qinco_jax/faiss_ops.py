@@ -73,3 +73,17 @@ def faiss_decode(q, codes: np.ndarray) -> np.ndarray:
     import faiss
 
     return q.decode(faiss.Int32Tensor2D(np.ascontiguousarray(codes, dtype=np.int32))).numpy()
+
+
+def knn(xq: np.ndarray, xb, k: int, block: int = 131072) -> tuple[np.ndarray, np.ndarray]:
+    """Exact L2 k-NN of xq in xb, reading xb (a memmap is fine) in blocks of rows; (D, I) as faiss.knn."""
+    import faiss
+
+    xq = _f32(xq)
+    heap = faiss.ResultHeap(xq.shape[0], k)
+    for i0 in range(0, xb.shape[0], block):
+        xblk = _f32(xb[i0 : i0 + block])
+        D, I = faiss.knn(xq, xblk, min(k, xblk.shape[0]))
+        heap.add_result(D, I + i0)
+    heap.finalize()
+    return heap.D, heap.I

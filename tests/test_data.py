@@ -166,7 +166,7 @@ def _make_layout(root: Path, train, db, queries, gt, dtype, nt=300, nb=120, nq=7
         data.write_vectors(root / rel, files[rel])
     if gt is not None:
         (root / gt).parent.mkdir(parents=True, exist_ok=True)
-        ids = data._exact_knn(files[queries], files[db], 10).astype(np.int32)
+        ids = data._knn_ids(files[queries], files[db], 10).astype(np.int32)
         data.write_vectors(root / gt, ids)
     return files
 
@@ -253,7 +253,7 @@ def test_load_files(tmp_path):
     xt, xb, xq = _matrix(50, 4, np.float32, 1), _matrix(30, 4, np.float32, 2), _matrix(5, 4, np.float32, 3)
     for name, x in (("t.fbin", xt), ("b.npy", xb), ("q.fvecs", xq)):
         data.write_vectors(tmp_path / name, x)
-    data.write_vectors(tmp_path / "gt.ivecs", data._exact_knn(xq, xb, 3).astype(np.int32))
+    data.write_vectors(tmp_path / "gt.ivecs", data._knn_ids(xq, xb, 3).astype(np.int32))
     ds = data.load_files(tmp_path / "t.fbin", tmp_path / "b.npy", tmp_path / "q.fvecs", tmp_path / "gt.ivecs",
                          nt=40, nval=10)
     np.testing.assert_array_equal(ds.xval, xt[40:])

@@ -14,6 +14,7 @@ import pytest
 
 from qinco_jax import codec as qcodec
 from qinco_jax.model import QincoConfig
+import reference
 from qinco_jax.torch_format import (
     CheckpointError,
     ModuleRecord,
@@ -29,49 +30,6 @@ FIXTURES = [
     ("qinco_lr_tiny", QincoConfig(d=8, K=16, M=4, L=1, h=6, lowrank=True), 37.5),
 ]
 TINY = DATA / "qinco_tiny.pt"
-
-
-# ----------------------------------------------------------------------------------------------
-# An independent numpy forward pass (spec 1.3-1.4)
-
-
-def np_implicit(p, cfg, c, xhat):
-    """f(c, xhat): concat [codeword, xhat], z = c + concat block(cc), then the residual blocks."""
-    cc = np.concatenate([c, xhat], axis=-1)
-    if cfg.lowrank:
-        z = c + (cc @ p["concat_in"]["kernel"]) @ p["concat_out"]["kernel"]
-    else:
-        z = c + cc @ p["concat"]["kernel"] + p["concat"]["bias"]
-    for l in range(cfg.L):
-        blk = p[f"block_{l}"]
-        z = z + np.maximum(z @ blk["up"]["kernel"], 0) @ blk["down"]["kernel"]
-    return z
-
-
-def np_encode(params, cfg, x):
-    """Greedy encoding over all K candidates per step; returns (codes, xhat)."""
-    cb0 = params["codebook0"]
-    dist0 = (x**2).sum(1)[:, None] + (cb0**2).sum(1)[None] - 2 * x @ cb0.T
-    codes = [dist0.argmin(1)]
-    xhat = cb0[codes[0]]
-    B, K, d = x.shape[0], cfg.K, cfg.d
-    for m in range(1, cfg.M):
-        p = params[f"step_{m}"]
-        c = np.broadcast_to(p["codebook"][None], (B, K, d))
-        cand = np_implicit(p, cfg, c, np.broadcast_to(xhat[:, None], (B, K, d))) + xhat[:, None]
-        dist = (x**2).sum(1)[:, None] + (cand**2).sum(2) - 2 * np.einsum("bkd,bd->bk", cand, x)
-        codes.append(dist.argmin(1))
-        xhat = cand[np.arange(B), codes[-1]]
-    return np.stack(codes, 1), xhat
-
-
-def np_decode(params, cfg, codes):
-    """xhat = codebook0[c0], then xhat += f_m(C_m[c_m], xhat)."""
-    xhat = params["codebook0"][codes[:, 0]]
-    for m in range(1, codes.shape[1]):
-        p = params[f"step_{m}"]
-        xhat = xhat + np_implicit(p, cfg, p["codebook"][codes[:, m]], xhat)
-    return xhat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,10 +94,10 @@ def _leaves(tree):
 def test_numpy_forward_matches_torch(name, cfg, scale):
     cfg, params, _ = load_pt(DATA / f"{name}.pt")
     ref = np.load(DATA / f"{name}_ref.npz")
-    codes, xhat = np_encode(params, cfg, ref["x"])
+    codes, xhat = reference.encode(params, ref["x"], cfg.M, cfg.L, cfg.lowrank)
     np.testing.assert_array_equal(codes, ref["codes"])
     np.testing.assert_allclose(xhat, ref["encode_xhat"], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np_decode(params, cfg, ref["codes"]), ref["recon"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(reference.decode(params, ref["codes"], cfg.L, cfg.lowrank), ref["recon"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,cfg,scale", FIXTURES)

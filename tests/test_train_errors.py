@@ -57,3 +57,16 @@ def test_demo_defaults_and_flag_names():
     assert cfg.dataset == "synthetic" and cfg.M == 4 and not cfg.persistent_adam
     cfg = train_main.config_from_args(["--dataset", "bigann1M", "--M", "16", "--rq-beam-size", "5", "--persistent-adam"])
     assert (cfg.M, cfg.K, cfg.rq_beam_size, cfg.persistent_adam, cfg.batch_size) == (16, 256, 5, True, 1024)
+
+
+def test_resume_reads_the_saved_config(tmp_path):
+    saved = train_main.config_from_args(["--train", "x.fvecs", "--M", "3", "--K", "16", "--workdir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(__import__("json").dumps(saved.to_dict()))
+    cfg = train_main.config_from_args(["--workdir", str(tmp_path), "--resume", "--epochs", "7", "--no-progress"])
+    assert (cfg.train, cfg.M, cfg.K, cfg.epochs, cfg.resume, cfg.progress) == ("x.fvecs", 3, 16, 7, True, False)
+    with pytest.raises(SystemExit) as e:
+        train_main.config_from_args(["--workdir", str(tmp_path), "--resume", "--M", "8"])
+    assert "--M (8 vs saved 3)" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        train_main.config_from_args(["--workdir", str(tmp_path / "none"), "--resume"])
+    assert "cannot read" in str(e.value.code)

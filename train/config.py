@@ -50,4 +50,4 @@ class TrainConfig:
 
 
 # The built-in demo: synthetic 32-d data, sized to train in a few minutes on a 2-core laptop.
-DEMO = dict(dataset="synthetic", K=64, M=4, L=2, h=64, lr=1e-3, epochs=30, workdir="runs/demo")
+DEMO = dict(dataset="synthetic", K=64, M=4, L=2, h=64, lr=1e-3, epochs=100, workdir="runs/demo")

@@ -247,7 +247,8 @@ def summarize(cfg: TrainConfig, ds: data.Dataset, meta: dict, workdir: str, log)
     log(f"  QINCo (best epoch {meta['best_epoch']})  {res['qinco_val_mse']:.6g}")
     for beam in (1, 5):
         r = res[f"rq_beam{beam}_val_mse"]
-        log(f"  faiss RQ, beam {beam}            {r:.6g}   (QINCo is {100 * (1 - res['qinco_val_mse'] / r):+.1f}% lower)")
+        gain = 100 * (1 - res["qinco_val_mse"] / r)
+        log(f"  faiss RQ, beam {beam}            {r:.6g}   (QINCo is {abs(gain):.1f}% {'lower' if gain >= 0 else 'higher'})")
     log(f"best codec: {os.path.join(workdir, 'best')}  (qinco_jax.load('{workdir}'))")
     return res
 

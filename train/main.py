@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
@@ -55,13 +56,38 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+# what may change when a run is resumed (where it runs and for how long, not what it trains)
+RESUMABLE = {"resume", "progress", "epochs", "data_dir", "distributed", "coordinator_address", "num_processes",
+             "process_id"}
+
+
+def resumed_config(args: dict) -> TrainConfig:
+    """The saved run's settings, with only the flags that may change on resume applied."""
+    workdir = args.get("workdir", DEMO["workdir"])
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"error: --resume: cannot read {path} ({e}); is {workdir} a training run?")
+    clash = sorted(k for k, v in args.items() if k not in RESUMABLE | {"workdir"} and saved.get(k) != v)
+    if clash:
+        sys.exit(f"error: --resume continues the run saved in {path}; these flags differ from it: "
+                 + ", ".join(f"--{k.replace('_', '-')} ({args[k]!r} vs saved {saved.get(k)!r})" for k in clash))
+    return TrainConfig(**{**saved, **{k: v for k, v in args.items() if k in RESUMABLE}})
+
+
 def config_from_args(argv=None) -> TrainConfig:
-    """Flags override the demo defaults (synthetic data) or, with a real dataset, the original's."""
-    args = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None}
-    real_data = args.get("train") or args.get("dataset", "synthetic") != "synthetic"
-    base = {} if real_data else DEMO
+    """Flags override the demo defaults (synthetic data) or, with a real dataset, the original's.
+
+    With --resume, the run's saved config.json is the base and only RESUMABLE flags may change.
+    """
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**base, **{k: v for k, v in args.items() if k in fields}})
+    args = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None and k in fields}
+    if args.get("resume"):
+        return resumed_config(args)
+    real_data = args.get("train") or args.get("dataset", "synthetic") != "synthetic"
+    return TrainConfig(**{**({} if real_data else DEMO), **args})
 
 
 def main(argv=None) -> None:

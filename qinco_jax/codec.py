@@ -87,9 +87,16 @@ def _sub_batch(cfg: QincoConfig, chunk: int) -> int:
     return min(chunk, max(1, SUB_ELEMS // (cfg.K * max(cfg.d, cfg.h))))
 
 
+def _chunk(requested: int | None, n: int) -> int:
+    """Vectors per jitted call: the request, or for fewer vectors the next power of two above n,
+    so that calls on many small, differently sized inputs compile O(log n) times, not once per size."""
+    requested = checks.batch_size(requested or DEFAULT_CHUNK)
+    return min(requested, 1 << max(0, n - 1).bit_length())
+
+
 def _encode_chunk(cfg: QincoConfig, requested: int | None, n: int) -> int:
-    """Vectors per jitted encode call: at most the request, a multiple of the inner sub-batch."""
-    chunk = min(checks.batch_size(requested or DEFAULT_CHUNK), n)
+    """Vectors per jitted encode call: see _chunk, rounded up to a multiple of the inner sub-batch."""
+    chunk = _chunk(requested, n)
     sub = _sub_batch(cfg, chunk)
     return -(-chunk // sub) * sub
 
@@ -201,7 +208,7 @@ def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool
     cfg = codec.config
     codes = checks.codes(codes, cfg.K, cfg.M)
     n, m = codes.shape
-    chunk = min(checks.batch_size(batch_size or DEFAULT_CHUNK), n)
+    chunk = _chunk(batch_size, n)
     fn = _decode_fn(cfg, chunk, m)
     params = jax.device_put(codec.params)
     out = np.empty((n, cfg.d), np.float32)

@@ -203,3 +203,27 @@ def test_config_validation():
         qj.Codec(TINY, codec_mod.init_params(qj.QincoConfig(d=8, K=16, M=3, L=2, h=24), jax.random.key(0)), 1.0)
     with pytest.raises(ValueError, match="scale"):
         random_codec(scale=float("nan"))
+
+
+def test_small_inputs_of_many_sizes_share_compilations(tiny_codec):
+    x = near_codes(tiny_codec, 64)
+    sizes = range(33, 64)  # all round up to one 64-vector chunk
+    fns = {codec_mod._encode_fn(TINY, codec_mod._encode_chunk(TINY, None, n)) for n in sizes}
+    assert len(fns) == 1
+    fn = fns.pop()
+    before = fn._cache_size()
+    for n in sizes:
+        np.testing.assert_array_equal(qj.encode(tiny_codec, x[:n]), qj.encode(tiny_codec, x)[:n])
+    assert fn._cache_size() - before <= 1
+
+
+def test_real_sift_vectors_match_faiss():
+    from conftest import shared_file
+    from qinco_jax import data
+
+    x = np.asarray(data.read_vectors(shared_file("sift5k_ngt.fvecs")), np.float32)
+    cfg = qj.QincoConfig(d=128, K=16, M=3, L=1, h=32)
+    codec = _train_steps(qj.init_codec(cfg, x[:3000], seed=0), x[:3000], steps=5, lr=1e-3)
+    agree, rel = _faiss_parity(codec, x[3000:4000])
+    assert agree >= 0.999
+    assert rel < 1e-5

@@ -34,7 +34,7 @@ def steps_per_second(cfg: qj.QincoConfig, batch: int, steps: int) -> float:
     xs, ws = training.shard_batch(x, np.ones(batch, np.float32), n_dev)
     step = training.train_step(cfg)
     state = training.replicate(training.init_state(codec.params))
-    for _ in range(2):  # the second call compiles again for the step's own output layout
+    for _ in range(2):  # warm-up: compilation and first-touch allocations
         state, loss = step(state, xs, ws, 1e-4)
     loss.block_until_ready()
     t0 = time.perf_counter()

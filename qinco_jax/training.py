@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import jax_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qinco_jax import codec as codec_mod
 from qinco_jax.model import Qinco, QincoConfig
@@ -114,8 +115,17 @@ def init_state(params) -> TrainState:
 
 
 def replicate(state: TrainState, devices: tuple | None = None) -> TrainState:
-    """Copy a host state onto every local device (leading device axis)."""
-    return jax_utils.replicate(state, devices=list(devices) if devices else None)
+    """Copy a host state onto every local device (leading device axis).
+
+    On one process the copy is laid out exactly as the pmap step's own outputs (a mesh over AXIS),
+    so the step compiles once rather than once more for its second call.
+    """
+    if jax.process_count() > 1:
+        return jax_utils.replicate(state, devices=list(devices) if devices else None)
+    devices = list(devices) if devices else jax.local_devices()
+    sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
+    stacked = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (len(devices),) + np.shape(a)), state)
+    return jax.device_put(stacked, sharding)
 
 
 def unreplicate(state: TrainState) -> TrainState:

@@ -21,8 +21,9 @@ class BaselineUnavailable(QincoInputError):
 class Baseline:
     """A trained faiss codec: encode to packed bytes, decode back to vectors."""
 
-    def __init__(self, name: str, index, M: int, nbits: int):
+    def __init__(self, name: str, index, M: int, nbits: int, parts=()):
         self.name, self.index, self.M, self.nbits = name, index, M, nbits
+        self._parts = list(parts)  # faiss holds raw pointers to these: keep them alive with the index
         self.bytes = int(index.sa_code_size())
 
     def encode(self, x) -> np.ndarray:
@@ -52,8 +53,10 @@ def _build(name: str, d: int, M: int, nbits: int):
         return index, [index.pq, index.pq.cp]
     if name == "OPQ":
         index = faiss.index_factory(d, f"OPQ{M},PQ{M}x{nbits}")
-        pq = faiss.downcast_index(index.index).pq
-        return index, [faiss.downcast_VectorTransform(index.chain.at(0)), pq, pq.cp]
+        opq, pq = faiss.downcast_VectorTransform(index.chain.at(0)), faiss.downcast_index(index.index).pq
+        # faiss learns the rotation for 8-bit codes by default; learn it for the evaluated code size
+        opq.pq = rot_pq = faiss.ProductQuantizer(d, M, nbits)
+        return index, [opq, pq, pq.cp, rot_pq]
     if name in ("RQ", "RQ-beam5"):
         index = faiss.IndexResidualQuantizer(d, M, nbits)
         index.rq.max_beam_size = 5 if name == "RQ-beam5" else 1  # faiss's default is 5
@@ -83,7 +86,7 @@ def train_baseline(name: str, xt, M: int, nbits: int = 8, **opts) -> Baseline:
     index, targets = _build(name, xt.shape[1], M, nbits)
     _set_opts(targets, opts)
     index.train(np.ascontiguousarray(xt, dtype=np.float32))
-    return Baseline(name, index, M, nbits)
+    return Baseline(name, index, M, nbits, targets)
 
 
 def encode_decode(b: Baseline, x, chunk: int = 65536) -> tuple[np.ndarray, float]:
@@ -112,16 +115,21 @@ def evaluate_baseline(b: Baseline, xb, xq, gt, ks=(1, 10, 100)) -> dict:
     return row
 
 
-def baseline_mse_by_bytes(names, xt, xb, max_M: int, nbits: int = 8, opts: dict | None = None) -> dict:
+def baseline_mse_by_bytes(names, xt, xb, max_M: int, nbits: int = 8, opts: dict | None = None,
+                          known: dict | None = None) -> dict:
     """{name: [MSE on xb for M = 1..max_M codes]} (None where the method is unavailable), one training per M.
 
-    opts maps a baseline name to its train_baseline options. With nbits=8, M codes take M bytes;
+    opts maps a baseline name to its train_baseline options; known maps a name to its MSE at max_M
+    (not trained again). With nbits=8, M codes take M bytes;
     otherwise they take ceil(M * nbits / 8) bytes.
     """
     out = {}
     for name in names:
         curve = []
         for M in range(1, max_M + 1):
+            if M == max_M and name in (known or {}):
+                curve.append(known[name])  # already measured at the full size
+                continue
             try:
                 b = train_baseline(name, xt, M, nbits, **(opts or {}).get(name, {}))
             except BaselineUnavailable:

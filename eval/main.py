@@ -145,15 +145,9 @@ def default_out(model: str, name: str) -> Path:
 
 
 def decoded_chunks(codec: qj.Codec, codes: np.ndarray, chunk: int = DECODE_CHUNK):
-    """(start, float32 reconstructions) of codes[:, :m] chunk by chunk; one jitted shape per m."""
-    n = codes.shape[0]
-    pad = min(n, codec_mod.DEFAULT_CHUNK)
-    for i in range(0, n, chunk):
-        c = np.asarray(codes[i:i + chunk])
-        rows = c.shape[0]
-        if rows < pad:  # a short last chunk would compile a new shape
-            c = np.concatenate([c, np.zeros((pad - rows, c.shape[1]), c.dtype)])
-        yield i, qj.decode(codec, c)[:rows]
+    """(start, float32 reconstructions) of codes[:, :m] chunk by chunk (qj.decode pads to fixed shapes)."""
+    for i in range(0, codes.shape[0], chunk):
+        yield i, qj.decode(codec, codes[i:i + chunk])
 
 
 def encode_db(codec: qj.Codec, xb, progress: bool) -> tuple[np.ndarray, float]:
@@ -229,23 +223,6 @@ def code_bytes(M: int, K: int) -> float | int:
 # ----------------------------------------------------------------------------- baselines
 
 
-def baseline_options(name: str, d: int, M: int, nbits: int) -> dict:
-    """faiss options: OPQ learns its rotation for a PQ of the evaluated size (faiss's default: 8-bit codes)."""
-    if name != "OPQ" or d % M:
-        return {}
-    import faiss
-
-    return {"pq": faiss.ProductQuantizer(d, M, nbits)}
-
-
-def train_baseline(name: str, xt: np.ndarray, M: int, nbits: int) -> baselines.Baseline:
-    """A trained baseline of M codes x nbits bits (raises BaselineUnavailable when impossible)."""
-    opts = baseline_options(name, xt.shape[1], M, nbits)
-    b = baselines.train_baseline(name, xt, M, nbits, **opts)
-    b.options = opts  # faiss keeps raw pointers to these objects
-    return b
-
-
 def baseline_rows(names, xt, ds: data.Dataset, gt, M: int, nbits: int) -> list[dict]:
     """Table rows of the faiss baselines at M codes of nbits bits (n/a rows where unavailable)."""
     rows = []
@@ -253,7 +230,7 @@ def baseline_rows(names, xt, ds: data.Dataset, gt, M: int, nbits: int) -> list[d
         log(f"{name}: training on {xt.shape[0]:,} vectors, encoding the database")
         t0 = time.perf_counter()
         try:
-            b = train_baseline(name, xt, M, nbits)
+            b = baselines.train_baseline(name, xt, M, nbits)
         except baselines.BaselineUnavailable as e:
             log(f"{name}: n/a ({e})")
             rows.append({"method": name, "bytes": code_bytes(M, 1 << nbits), "note": str(e)})
@@ -276,30 +253,16 @@ def faiss_nbits(K: int) -> int:
     return nbits
 
 
-def baseline_rd(name: str, xt: np.ndarray, xb, M: int, nbits: int) -> list[float | None]:
-    """MSE on xb of a baseline with m = 1..M-1 codes (None where unavailable)."""
-    out = []
-    for m in range(1, M):
-        try:
-            b = train_baseline(name, xt, m, nbits)
-        except baselines.BaselineUnavailable:
-            out.append(None)
-            continue
-        out.append(metrics.mse(xb, baselines.encode_decode(b, xb)[0]))
-    return out
-
-
 def rd_curves(codec: qj.Codec, qinco_mses: list[float], rows: list[dict], xt, xb, rd_lsq: bool) -> dict:
     """{method: {'bytes': [...], 'mse': [...]}} at m = 1..M codes of log2(K) bits; m = M is the table's MSE."""
     M, K = codec.config.M, codec.config.K
     nbytes = [m * math.log2(K) / 8 for m in range(1, M + 1)]
-    curves = {"QINCo": {"bytes": nbytes, "mse": qinco_mses}}
-    for row in rows:
-        if row["method"] != "LSQ" or rd_lsq:
-            log(f"rate-distortion of {row['method']}: 1..{M - 1} codes")
-            mses = baseline_rd(row["method"], xt, xb, M, faiss_nbits(K)) + [row.get("mse")]
-            curves[row["method"]] = {"bytes": nbytes, "mse": mses}
-    return curves
+    names = [r["method"] for r in rows if r["method"] != "LSQ" or rd_lsq]
+    if names:
+        log(f"rate-distortion of {', '.join(names)}: 1..{M - 1} codes")
+    known = {r["method"]: r.get("mse") for r in rows}
+    mses = baselines.baseline_mse_by_bytes(names, xt, xb, M, faiss_nbits(K), known=known) if names else {}
+    return {"QINCo": {"bytes": nbytes, "mse": qinco_mses}, **{n: {"bytes": nbytes, "mse": m} for n, m in mses.items()}}
 
 
 # ----------------------------------------------------------------------------- driver

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 import qinco_jax as qj
+from eval.report import write_json
 from qinco_jax import data, faiss_ops, training
 from qinco_jax.checkpoint import TrainCheckpoints
 from qinco_jax.progress import Progress
@@ -58,15 +59,8 @@ def prepare_workdir(cfg: TrainConfig) -> str:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         if not has_run:
-            _write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+            write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     return workdir
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def val_mse(codec: qj.Codec, xval) -> float:
@@ -238,7 +232,7 @@ def summarize(cfg: TrainConfig, ds: data.Dataset, meta: dict, workdir: str, log)
     for beam in (1, 5):
         res[f"rq_beam{beam}_val_mse"] = rq_val_mse(ds.xt, ds.xval, mcfg.M, mcfg.K, beam)
     if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, "summary.json"), res)
+        write_json(os.path.join(workdir, "summary.json"), res)
         rq = {f"faiss RQ, beam {b}": res[f"rq_beam{b}_val_mse"] for b in (1, 5)}
         if plot_metrics(read_metrics(workdir), os.path.join(workdir, "training.png"), rq):
             log(f"plot: {os.path.join(workdir, 'training.png')}")

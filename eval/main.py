@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # `python eval/main.py` from a checkout
 import qinco_jax as qj  # noqa: E402
 from eval import baselines, metrics, report  # noqa: E402
 from qinco_jax import codec as codec_mod  # noqa: E402
-from qinco_jax import data  # noqa: E402
+from qinco_jax import checks, data  # noqa: E402
 from qinco_jax.checks import QincoInputError  # noqa: E402
 from qinco_jax.progress import Progress  # noqa: E402
 
@@ -107,8 +107,8 @@ def check_inputs(codec: qj.Codec, ds: data.Dataset) -> np.ndarray | None:
     for what, x in (("database", ds.xb), ("queries", ds.xq)):
         if x.shape[1] != d:
             raise QincoInputError(f"the model encodes d={d} vectors but the {what} has dimension d={x.shape[1]}")
-    data.check_finite(ds.xq, "query vectors")
-    data.check_finite(ds.xb, "database vectors")
+    checks.finite(ds.xq, "query vectors")
+    checks.finite(ds.xb, "database vectors")
     if ds.gt is None:
         return None
     return metrics.check_groundtruth(ds.gt, ds.xb.shape[0], ds.xq.shape[0])
@@ -130,7 +130,7 @@ def baseline_train_set(xt: np.ndarray, n: int) -> np.ndarray:
     if xt.shape[0] > n:
         xt = xt[np.sort(np.random.default_rng(0).choice(xt.shape[0], n, replace=False))]
     xt = np.ascontiguousarray(xt, dtype=np.float32)
-    data.check_finite(xt, "training vectors")
+    checks.finite(xt, "training vectors")
     return xt
 
 

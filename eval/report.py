@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import tempfile
 
 import numpy as np
+
+from qinco_jax.files import write_json  # noqa: F401  (re-exported for the CLIs)
 
 
 def format_value(column: str, value) -> str:
@@ -44,32 +44,6 @@ def format_table(rows: list[dict], columns) -> str:
 def _is_number(value) -> bool:
     """True for numbers and None (n/a cells align with the numbers of their column)."""
     return value is None or (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool))
-
-
-def _json_default(obj):
-    """JSON encoding of numpy scalars and arrays."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
-
-
-def write_json(path, obj) -> None:
-    """Write obj as indented JSON to path atomically (temporary file in the same folder, then os.replace)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot_rate_distortion(curves: dict, path, title: str = "") -> None:

@@ -20,7 +20,7 @@ import numpy as np
 if __package__ in (None, ""):  # `python eval/split_file.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qinco_jax import data  # noqa: E402
+from qinco_jax import checks, data  # noqa: E402
 from qinco_jax.checks import QincoInputError  # noqa: E402
 
 PARTS = ("train", "db", "queries")
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     try:
         x = data.read_vectors(args.input)
-        data.check_finite(x, args.input)
+        checks.finite(x, args.input)
         parts = split(x, args.nt, args.nb, args.nq, args.seed)
         os.makedirs(args.out, exist_ok=True)
         for name, part in parts.items():

@@ -38,6 +38,15 @@ def finite_chunk(chunk: np.ndarray, offset: int, what: str = "x") -> None:
             )
 
 
+def finite(x: np.ndarray, what: str = "x", chunk: int = 65536) -> None:
+    """Raise naming the first row with NaN or inf; reads x (a memmap is fine) chunk by chunk."""
+    chunk = batch_size(chunk, "chunk")
+    if x.dtype.kind != "f":
+        return
+    for i in range(0, x.shape[0], chunk):
+        finite_chunk(np.asarray(x[i : i + chunk]), i, what)
+
+
 def codes(c, K: int, M: int) -> np.ndarray:
     """Check a (n, m) integer code matrix with 1 <= m <= M and entries in [0, K)."""
     c = np.asarray(c)

@@ -247,8 +247,7 @@ def init_codec(cfg: QincoConfig, xt, *, seed: int = 0, rq_beam_size: int = 1, sc
     from qinco_jax import faiss_ops
 
     xt = checks.vectors(xt, cfg.d, "training vectors")
-    for start in range(0, xt.shape[0], 65536):
-        checks.finite_chunk(np.asarray(xt[start : start + 65536]), start, "training vectors")
+    checks.finite(xt, "training vectors")
     scale = data_scale(xt) if scale is None else float(scale)
     rq = faiss_ops.train_rq(np.asarray(xt, np.float32), cfg.M, cfg.K, rq_beam_size)
     codebooks = faiss_ops.rq_codebooks(rq) / np.float32(scale)

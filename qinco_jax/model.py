@@ -171,15 +171,6 @@ class QincoStep(nn.Module):
             z = block(z)
         return z
 
-    def __call__(self, c, xhat):
-        """Implicit codeword for explicit codewords c (..., d) given xhat (..., d) (reference path)."""
-        cc = jnp.concatenate([c, xhat], axis=-1)
-        if self.lowrank:
-            z = c + self.concat_out(self.concat_in(cc))
-        else:
-            z = c + self.concat(cc)
-        return self.mlp(z)
-
     def decode(self, xhat_BD, codes_B):
         """Next reconstruction xhat + f(C[codes], xhat)."""
         z = self.codeword_part()[codes_B] + self.vector_part(xhat_BD)
@@ -245,11 +236,3 @@ class Qinco(nn.Module):
     def decode(self, codes_BM):
         """Reconstruction from the first m = codes.shape[1] <= M codes."""
         return self.decode_prefixes(codes_BM)[-1]
-
-    def __call__(self, x_BD):
-        """Training pass: greedy codes (no gradient flows through the argmin), then the
-        differentiable re-decoding. Returns (codes (B, M), squared error of each prefix (B, M))."""
-        codes, _ = self.encode(x_BD)
-        codes = jax.lax.stop_gradient(codes)
-        xhats = self.decode_prefixes(codes)
-        return codes, jnp.stack([jnp.sum(jnp.square(xh - x_BD), axis=-1) for xh in xhats], axis=1)

@@ -23,6 +23,7 @@ from qinco_jax.model import Qinco, QincoConfig
 
 AXIS = "batch"
 MIN_LR = 2e-6  # the original stops once the learning rate falls below this
+PLATEAU_PATIENCE = 10  # validations without a new best before the learning rate is divided by 10
 
 
 class TrainState(NamedTuple):
@@ -35,16 +36,12 @@ def optimizer() -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
 
-def plateau_patience() -> int:
-    return 10
-
-
 def plateau() -> optax.GradientTransformationExtraArgs:
     """LR /10 after 10 validations without a new best, as the original's scheduler.
 
     cooldown=1 reproduces its rule that the epoch of a reduction does not count towards the next one.
     """
-    return optax.contrib.reduce_on_plateau(factor=0.1, patience=plateau_patience(), rtol=0.0, atol=1e-12, cooldown=1)
+    return optax.contrib.reduce_on_plateau(factor=0.1, patience=PLATEAU_PATIENCE, rtol=0.0, atol=1e-12, cooldown=1)
 
 
 def _slice(cfg: QincoConfig, b: int) -> int:
@@ -59,7 +56,7 @@ def greedy_codes(cfg: QincoConfig, params, x_BD):
     """Greedy codes of the current model, without gradient, in cache-sized slices."""
     model, (b, d) = Qinco(cfg), x_BD.shape
     sub = _slice(cfg, b)
-    params = jax.lax.stop_gradient(params)
+    params = jax.tree.map(lambda a: jax.lax.stop_gradient(jnp.asarray(a)), params)
     one = lambda xb: model.apply({"params": params}, xb, method=Qinco.encode)[0]  # noqa: E731
     return jax.lax.map(one, x_BD.reshape(b // sub, sub, d)).reshape(b, cfg.M)
 
@@ -67,8 +64,8 @@ def greedy_codes(cfg: QincoConfig, params, x_BD):
 def loss_terms(cfg: QincoConfig, params, x_BD, w_B):
     """(weighted sum of the per-vector errors summed over prefixes, sum of weights).
 
-    Same loss as Qinco.__call__ (the original's forward): greedy codes, then the differentiable
-    re-decoding with every prefix's squared error.
+    The original's forward pass: greedy codes (no gradient flows through the argmin), then the
+    differentiable re-decoding, with every prefix's squared error.
     """
     codes = greedy_codes(cfg, params, x_BD)
     xhats = Qinco(cfg).apply({"params": params}, codes, method=Qinco.decode_prefixes)

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qinco_jax import data
+from qinco_jax import checks, data
+from qinco_jax.data import datasets, synth
 from qinco_jax.checks import QincoInputError
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
@@ -166,7 +167,7 @@ def _make_layout(root: Path, train, db, queries, gt, dtype, nt=300, nb=120, nq=7
         data.write_vectors(root / rel, files[rel])
     if gt is not None:
         (root / gt).parent.mkdir(parents=True, exist_ok=True)
-        ids = data._knn_ids(files[queries], files[db], 10).astype(np.int32)
+        ids = synth._knn_ids(files[queries], files[db], 10).astype(np.int32)
         data.write_vectors(root / gt, ids)
     return files
 
@@ -180,7 +181,7 @@ def test_load_dataset_layouts(tmp_path, layout):
             ds = data.load_dataset(name, tmp_path, nt=200, nval=50)
     else:
         ds = data.load_dataset(name, tmp_path, nt=200, nval=50)
-    assert ds.name == data._ALIASES[name.lower()] and ds.d == 6
+    assert ds.name == datasets._ALIASES[name.lower()] and ds.d == 6
     assert ds.xt.shape == (200, 6) and ds.xval.shape == (50, 6) and ds.xb.shape == (120, 6) and ds.xq.shape == (7, 6)
     np.testing.assert_array_equal(ds.xt, files[train][:200])
     np.testing.assert_array_equal(ds.xval, files[train][200:250])  # last nval of the first nt + nval
@@ -204,8 +205,8 @@ def test_default_split_env_dir_and_nb(tmp_path, monkeypatch):
 
 
 def test_fb_ssnpp_big_ann_layout_trains_after_the_database(tmp_path, monkeypatch):
-    monkeypatch.setitem(data._SETS, "fb_ssnpp", data._SETS["fb_ssnpp"]._replace(
-        train=(data._File("FB_ssnpp/FB_ssnpp_database.u8bin", 100),), nb=100))
+    monkeypatch.setitem(datasets._SETS, "fb_ssnpp", datasets._SETS["fb_ssnpp"]._replace(
+        train=(datasets._File("FB_ssnpp/FB_ssnpp_database.u8bin", 100),), nb=100))
     files = _make_layout(tmp_path, "FB_ssnpp/x.u8bin", "FB_ssnpp/FB_ssnpp_database.u8bin",
                          "FB_ssnpp/FB_ssnpp_public_queries.u8bin", None, np.uint8, nt=10, nb=400)
     with pytest.warns(UserWarning, match="ground_truth1M.npy"):
@@ -253,7 +254,7 @@ def test_load_files(tmp_path):
     xt, xb, xq = _matrix(50, 4, np.float32, 1), _matrix(30, 4, np.float32, 2), _matrix(5, 4, np.float32, 3)
     for name, x in (("t.fbin", xt), ("b.npy", xb), ("q.fvecs", xq)):
         data.write_vectors(tmp_path / name, x)
-    data.write_vectors(tmp_path / "gt.ivecs", data._knn_ids(xq, xb, 3).astype(np.int32))
+    data.write_vectors(tmp_path / "gt.ivecs", synth._knn_ids(xq, xb, 3).astype(np.int32))
     ds = data.load_files(tmp_path / "t.fbin", tmp_path / "b.npy", tmp_path / "q.fvecs", tmp_path / "gt.ivecs",
                          nt=40, nval=10)
     np.testing.assert_array_equal(ds.xval, xt[40:])
@@ -330,18 +331,15 @@ def test_batches_pure_function_of_seed_and_epoch():
         data.batches(10, 0, 0, 0)
 
 
-def test_iter_chunks_and_check_finite(tmp_path):
+def test_check_finite(tmp_path):
     x = _matrix(25, 3, np.float32)
     data.write_vectors(tmp_path / "x.fvecs", x)
     xm = data.read_vectors(tmp_path / "x.fvecs")
-    chunks = list(data.iter_chunks(xm, 10))
-    assert [s for s, _ in chunks] == [0, 10, 20] and all(c.dtype == np.float32 for _, c in chunks)
-    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), x)
-    data.check_finite(xm, "xt", chunk=7)
-    data.check_finite(_matrix(5, 2, np.uint8), "xb")
+    checks.finite(xm, "xt", chunk=7)
+    checks.finite(_matrix(5, 2, np.uint8), "xb")
     x[17, 1] = np.nan
     x[21, 0] = np.inf
     with pytest.raises(QincoInputError, match="xt has 1 row.*first bad row is 17"):
-        data.check_finite(x, "xt", chunk=10)
+        checks.finite(x, "xt", chunk=10)
     with pytest.raises(QincoInputError, match="first bad row is 17"):
-        data.check_finite(x.astype(np.float16), "xt")
+        checks.finite(x.astype(np.float16), "xt")

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 
 import qinco_jax as qj
-from eval.report import write_json
-from qinco_jax import data, faiss_ops, training
+from qinco_jax import checks, data, faiss_ops, training
 from qinco_jax.checkpoint import TrainCheckpoints
+from qinco_jax.files import write_json
 from qinco_jax.progress import Progress
 from train.config import TrainConfig
 
@@ -169,7 +169,7 @@ def end_of_epoch(cfg, ds, state, meta, epoch, train_loss, lr, t0, workdir, ckpts
     log(f"epoch {epoch:3d}  lr {lr:.1e}  train loss {train_loss:.6g}  val MSE {val:.6g}"
         f"{'  (best)' if best else ''}  {row['seconds']:.1f}s")
     if next_lr < lr and not meta["stopped"]:
-        log(f"val MSE did not improve for {training.plateau_patience()} epochs: lr -> {next_lr:.1e}")
+        log(f"val MSE did not improve for {training.PLATEAU_PATIENCE} epochs: lr -> {next_lr:.1e}")
     return state, meta
 
 
@@ -253,8 +253,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
         init_distributed(cfg)
     training.check_batch(cfg.batch_size, jax.device_count())
     ds = load_data(cfg)
-    data.check_finite(ds.xt, "training vectors")
-    data.check_finite(ds.xval, "validation vectors")
+    checks.finite(ds.xt, "training vectors")
+    checks.finite(ds.xval, "validation vectors")
     workdir = prepare_workdir(cfg)
     log(f"{jax.device_count()} device(s) over {jax.process_count()} process(es); "
         f"train {ds.xt.shape}, validation {ds.xval.shape}; workdir {workdir}")

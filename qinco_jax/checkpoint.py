@@ -1,19 +1,30 @@
-"""Saving and loading codecs: orbax directories, training workdirs, official PyTorch .pt files."""
+"""Saving and loading codecs: orbax directories, training workdirs, official PyTorch .pt files.
+
+Loading a codec directory checks it before anything is allocated, under the budgets of
+qinco_jax.limits: qinco.json is a small regular file holding a JSON object of bounded depth, every
+field has its type and range, the parameter files are regular files of bounded size and count,
+the stored parameter shapes equal those of the configuration; then the parameters are read and
+must be finite. Every failure is a CheckpointError that names the file and the field.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
-import zipfile
 
 import jax
 import numpy as np
 
-from qinco_jax.checks import CheckpointError
+from qinco_jax import limits as limits_mod
+from qinco_jax.checks import CheckpointError, QincoInputError, short
 from qinco_jax.codec import Codec, param_shapes
+from qinco_jax.limits import Limits
 from qinco_jax.model import QincoConfig
+from qinco_jax.unpickler import check_depth, open_regular
 
 FORMAT = "qinco_jax.codec/1"
 META = "qinco.json"
@@ -37,14 +48,20 @@ def save(codec: Codec, path, *, overwrite: bool = False) -> str:
     The directory appears complete or not at all: it is written beside the target and renamed.
     Returns the absolute path.
     """
+    if not isinstance(codec, Codec):
+        raise TypeError(f"save() expects a qinco_jax.Codec, got {type(codec).__name__}")
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(codec.params))
+    bad = nonfinite_param(params)
+    if bad:
+        raise QincoInputError(f"refusing to save a codec whose parameter {bad} holds NaN or inf values")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    recover_save(path)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-        params = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(codec.params))
         _checkpointer().save(os.path.join(tmp, PARAMS), params)
         meta = {"format": FORMAT, "config": codec.config.to_dict(), "scale": codec.scale}
         with open(os.path.join(tmp, META), "w") as f:
@@ -61,31 +78,177 @@ def save(codec: Codec, path, *, overwrite: bool = False) -> str:
     return path
 
 
-def _read_meta(path: str) -> dict:
+def recover_save(path: str) -> None:
+    """Finish or undo a save() of path that was killed: leftover temporary directories go.
+
+    save() writes .tmp-<name>-XXXX completely, then renames path to .tmp-<name>-XXXX.old and the
+    new directory to path. Killed between the two renames, path is missing: the complete new
+    directory (beside its .old) takes its place.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    prefix = ".tmp-" + name + "-"
     try:
-        with open(os.path.join(path, META)) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read {META}: {e}") from None
+        leftovers = sorted(e for e in os.listdir(parent) if e.startswith(prefix))
+    except FileNotFoundError:
+        return
+    if not os.path.exists(path):
+        for old in leftovers:
+            new = old[: -len(".old")]
+            if old.endswith(".old") and new in leftovers and os.path.exists(os.path.join(parent, new, META)):
+                os.rename(os.path.join(parent, new), path)
+                break
+    for entry in leftovers:
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def nonfinite_param(params) -> str | None:
+    """The name of the first parameter holding NaN or inf, or None."""
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not np.isfinite(np.asarray(leaf)).all():
+            return "/".join(str(getattr(k, "key", k)) for k in keys)
+    return None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"the non-finite number {name} is not allowed")
+
+
+def read_json(path: str, limits: Limits = limits_mod.DEFAULT, what: str = "metadata file") -> dict:
+    """A small JSON object from a regular file: size, depth and finite numbers checked."""
+    f = open_regular(path, limits.max_json_bytes, what)
+    try:
+        with f:
+            raw = f.read(limits.max_json_bytes + 1)
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except RecursionError:
+        raise CheckpointError(f"{path}: the JSON nests too deeply; refused") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN / Infinity, ints of > 4300 digits
+        raise CheckpointError(f"{path}: not valid JSON ({short(str(e), 200)[1:-1]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it: {e.strerror}") from None
+    check_depth(obj, limits.max_json_depth, path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
+def _read_meta(path: str, limits: Limits = limits_mod.DEFAULT) -> dict:
+    meta = read_json(os.path.join(path, META), limits, META)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown codec format {meta.get('format')!r} (expected {FORMAT!r})")
+        raise CheckpointError(f"{path}: unknown codec format {short(meta.get('format'))} in {META} (expected {FORMAT!r})")
     return meta
 
 
-def _load_dir(path: str) -> Codec:
-    meta = _read_meta(path)
+def _int_field(d: dict, key: str, where: str) -> int:
+    value = d.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{where}: field {key!r} is {short(value)}, expected an integer")
+    return value
+
+
+def config_from_meta(meta: dict, where: str, limits: Limits = limits_mod.DEFAULT) -> QincoConfig:
+    """The 'config' field of codec metadata as a QincoConfig, every field checked, size within budget."""
+    raw = meta.get("config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: field 'config' is {short(raw)}, expected an object")
+    names = ("d", "K", "M", "L", "h", "lowrank")
+    extra = sorted(k for k in raw if k not in names)
+    if extra:
+        raise CheckpointError(f"{where}: unknown field config.{short(extra[0])[1:-1]}")
+    values = {k: _int_field(raw, k, where + ": config") for k in names[:-1]}
+    if not isinstance(raw.get("lowrank"), bool):
+        raise CheckpointError(f"{where}: field config.lowrank is {short(raw.get('lowrank'))}, expected true or false")
     try:
-        cfg = QincoConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad config in {META}: {e}") from None
-    target = jax.tree.map(lambda s: np.zeros(s, np.float32), param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+        cfg = QincoConfig(**values, lowrank=raw["lowrank"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: config: {e}") from None
+    limits_mod.check_config(cfg, where, limits)
+    return cfg
+
+
+def scale_from_meta(meta: dict, where: str) -> float:
+    """The 'scale' field: a positive finite number (true / false / strings refused)."""
+    value = meta.get("scale")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{where}: field 'scale' is {short(value)}, expected a positive number")
+    if not (math.isfinite(value) and value > 0):
+        raise CheckpointError(f"{where}: field 'scale' is {short(value)}, expected a positive finite number")
+    return float(value)
+
+
+def check_files(path: str, limits: Limits = limits_mod.DEFAULT) -> None:
+    """A directory of regular files only, within the record count and byte budgets (before reading any)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise CheckpointError(f"cannot restore parameters: {path} is missing or not a directory")
+    count, total, todo = 0, 0, [(path, 0)]
+    while todo:
+        folder, depth = todo.pop()
+        with os.scandir(folder) as it:
+            for entry in it:
+                count += 1
+                if count > limits.max_records:
+                    raise CheckpointError(f"{path} holds more than {limits.max_records:,} files; refused")
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if depth + 1 >= limits.max_json_depth:
+                        raise CheckpointError(f"{path} nests folders too deeply; refused")
+                    todo.append((entry.path, depth + 1))
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    raise CheckpointError(f"{entry.path} is not a regular file (a link, FIFO or device); refused")
+                is_data = os.path.basename(folder) == "d"  # orbax's array chunks live in <...>/d/
+                cap = limits.max_record_bytes if is_data else limits.max_index_bytes
+                if st.st_size > cap:
+                    raise CheckpointError(f"{entry.path} is {st.st_size:,} bytes, over the budget of {cap:,}; refused")
+                total += st.st_size
+                if total > limits.max_total_bytes:
+                    raise CheckpointError(f"{path} holds more than {limits.max_total_bytes:,} bytes; refused")
+
+
+def _stored_shapes(directory: str) -> dict:
+    """{name: shape} of the arrays saved in an orbax params directory (read from its metadata only)."""
+    tree = _checkpointer().metadata(directory).item_metadata.tree
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in keys): tuple(leaf.shape) for keys, leaf in leaves}
+
+
+def restore_params(directory: str, shapes: dict, where: str, limits: Limits = limits_mod.DEFAULT):
+    """Parameters of an orbax directory whose stored shapes must equal `shapes` (a tree of tuples), finite."""
+    check_files(directory, limits)
+    want = {"/".join(str(getattr(k, "key", k)) for k in keys): s
+            for keys, s in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
     try:
-        params = _checkpointer().restore(os.path.join(path, PARAMS), item=target)
+        got = _stored_shapes(directory)
     except Exception as e:  # orbax raises many types for damaged directories
-        raise CheckpointError(f"{path}: cannot restore parameters ({type(e).__name__}: {e})") from None
-    params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+        raise CheckpointError(f"{where}: cannot restore parameters ({type(e).__name__}: {short(str(e), 200)[1:-1]})") from None
+    for name, shape in want.items():
+        if name not in got:
+            raise CheckpointError(f"{where}: parameter {name} is missing")
+        if got[name] != shape:
+            raise CheckpointError(f"{where}: parameter {name} has shape {short(got[name])}, expected {shape} from the config")
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected parameter {short(extra[0])}")
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes, is_leaf=lambda x: isinstance(x, tuple))
     try:
-        return Codec(cfg, params, meta["scale"])
+        params = _checkpointer().restore(directory, item=target)
+    except Exception as e:
+        raise CheckpointError(f"{where}: cannot restore parameters ({type(e).__name__}: {short(str(e), 200)[1:-1]})") from None
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    bad = nonfinite_param(params)
+    if bad:
+        raise CheckpointError(f"{where}: parameter {bad} holds NaN or inf values")
+    return params
+
+
+def _load_dir(path: str, limits: Limits = limits_mod.DEFAULT) -> Codec:
+    meta = _read_meta(path, limits)
+    where = os.path.join(path, META)
+    cfg = config_from_meta(meta, where, limits)
+    scale = scale_from_meta(meta, where)
+    params = restore_params(os.path.join(path, PARAMS), param_shapes(cfg), path, limits)
+    try:
+        return Codec(cfg, params, scale)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: inconsistent checkpoint: {e}") from None
 
@@ -102,9 +265,9 @@ def load(path) -> Codec:
         if os.path.exists(os.path.join(path, BEST, META)):
             return _load_dir(os.path.join(path, BEST))
         raise CheckpointError(f"{path} is a directory but holds no saved codec ({META}) nor a training run's {BEST}/")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path} does not exist")
-    if zipfile.is_zipfile(path) or path.endswith((".pt", ".pth")):
+    with open_regular(path, limits_mod.DEFAULT.max_file_bytes) as f:  # FIFOs and devices are never read
+        head = f.read(4)
+    if head.startswith(b"PK") or path.endswith((".pt", ".pth")):
         from qinco_jax.torch_format import load_pt
 
         cfg, params, scale = load_pt(path)
@@ -121,7 +284,8 @@ class TrainCheckpoints:
         self._ocp = ocp
         self.mngr = ocp.CheckpointManager(
             os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                                cleanup_tmp_directories=True),
         )
 
     def save(self, epoch: int, state, meta: dict) -> None:

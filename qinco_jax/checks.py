@@ -75,3 +75,37 @@ def batch_size(bs, what: str = "batch_size") -> int:
 
 class CheckpointError(QincoInputError):
     """A file or directory that is not a loadable codec (missing, damaged, unknown or unsafe)."""
+
+
+def short(value, limit: int = 60) -> str:
+    """A bounded description of any value for error messages: never builds a full repr.
+
+    Strings and bytes are cut before repr; huge ints, containers and other objects are described
+    by type and size (containers show their first few elements, one level deep).
+    """
+
+    def atom(v) -> str | None:
+        if v is None or isinstance(v, (bool, float, complex)):
+            return repr(v)
+        if isinstance(v, int):
+            return repr(v) if v.bit_length() <= 64 else f"<int of {v.bit_length()} bits>"
+        if isinstance(v, (str, bytes, bytearray)):
+            r = repr(v[: limit + 1])
+            return r if len(v) <= limit else r[: limit] + f"... ({len(v):,} long)"
+        if isinstance(v, np.ndarray):
+            return f"<array {v.dtype} {v.shape}>"
+        if isinstance(v, np.generic):
+            return repr(v.item()) if v.dtype.kind in "biuf" else f"<{type(v).__name__}>"
+        return None
+
+    out = atom(value)
+    if out is not None:
+        return out
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        it = iter(value.items() if isinstance(value, dict) else value)
+        items = [x for _, x in zip(range(3), it)]
+        inner = lambda v: short(v, limit // 3) if atom(v) is not None else f"<{type(v).__name__}>"  # noqa: E731
+        shown = [f"{inner(k)}: {inner(v)}" for k, v in items] if isinstance(value, dict) else [inner(v) for v in items]
+        more = f", ... ({len(value):,} items)" if len(value) > 3 else ""
+        return f"{type(value).__name__}[{', '.join(shown)}{more}]"
+    return f"<{type(value).__name__}>"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qinco_jax.checks import CheckpointError
+from qinco_jax import limits
+from qinco_jax.checks import CheckpointError, short
 from qinco_jax.model import QincoConfig
 from qinco_jax.unpickler import ModuleRecord, RestrictedUnpickler, read_objects  # noqa: F401  (re-exported)
 
@@ -66,7 +67,7 @@ def _int_attr(rec: ModuleRecord, name: str) -> int:
         return int(value)
     if value is None:
         raise CheckpointError(f"the {rec.name} module has no attribute {name!r}")
-    raise CheckpointError(f"attribute {name!r} of the {rec.name} module is {value!r:.40}, expected an int")
+    raise CheckpointError(f"attribute {name!r} of the {rec.name} module is {short(value)}, expected an int")
 
 
 def _top_module(obj) -> ModuleRecord:
@@ -91,10 +92,10 @@ def _step_names(top: ModuleRecord, M: int) -> list[str]:
     if not all(isinstance(k, str) for k in mods):
         raise CheckpointError("the QINCo module has submodules with non-string names")
     if len(mods) != M:  # checked first: M comes from the file and may be absurdly large
-        raise CheckpointError(f"the QINCo module has {len(mods)} submodules {sorted(mods)[:6]}, expected M={M}")
+        raise CheckpointError(f"the QINCo module has {len(mods)} submodules {short(sorted(mods))}, expected M={M}")
     want = ["codebook0"] + [f"step{m}" for m in range(1, M)]
     if sorted(mods) != sorted(want):
-        raise CheckpointError(f"the QINCo module has submodules {sorted(mods)}, expected {want} for M={M}")
+        raise CheckpointError(f"the QINCo module has submodules {short(sorted(mods))}, expected {short(want)} for M={M}")
     return want[1:]
 
 
@@ -114,12 +115,15 @@ def _is_lowrank(top: ModuleRecord, steps: list[str]) -> bool:
 def _config(top: ModuleRecord) -> tuple[QincoConfig, list[str]]:
     """QincoConfig from the module attributes and structure, plus the step names."""
     d, K, L, M, h = (_int_attr(top, a) for a in ("d", "K", "L", "M", "h"))
-    steps = _step_names(top, M)
-    lowrank = _is_lowrank(top, steps)
     try:
-        cfg = QincoConfig(d=d, K=K, M=M, L=L, h=h, lowrank=lowrank)
+        QincoConfig(d=d, K=K, M=M, L=L, h=h)  # ranges, before M sizes any loop
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid architecture in the checkpoint: {e}") from None
+    limits.check_config(QincoConfig(d=d, K=K, M=M, L=L, h=h), "the checkpoint")
+    steps = _step_names(top, M)
+    lowrank = _is_lowrank(top, steps)
+    cfg = QincoConfig(d=d, K=K, M=M, L=L, h=h, lowrank=lowrank)
+    limits.check_config(cfg, "the checkpoint")
     return cfg, steps
 
 
@@ -132,7 +136,7 @@ def _step_params(step: ModuleRecord, cfg: QincoConfig, name: str) -> dict:
     mods = step.state.get("_modules") or {}
     blocks = sorted(k for k in mods if k.startswith("residual_block"))
     if len(blocks) != L or blocks != sorted(f"residual_block{l}" for l in range(L)):
-        raise CheckpointError(f"{name} has residual blocks {blocks}, expected {L} (L={L})")
+        raise CheckpointError(f"{name} has residual blocks {short(blocks)}, expected {L} (L={L})")
     cb = _submodule(step, "codebook", f"{name}.codebook", "Embedding")
     out = {"codebook": _tensor(cb, "weight", f"{name}.codebook.weight", (K, d))}
     mlp = _submodule(step, "MLPconcat", f"{name}.MLPconcat")
@@ -157,7 +161,7 @@ def _db_scale(top: ModuleRecord) -> float:
     if value is None:
         raise CheckpointError("the model has no db_scale attribute (set by the QINCo v1 training script)")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise CheckpointError(f"db_scale is {value!r:.40}, expected a number")
+        raise CheckpointError(f"db_scale is {short(value)}, expected a number")
     scale = float(value)
     if not np.isfinite(scale) or scale <= 0:
         raise CheckpointError(f"db_scale must be positive and finite, got {scale}")

@@ -47,8 +47,9 @@ def finite(x: np.ndarray, what: str = "x", chunk: int = 65536) -> None:
         finite_chunk(np.asarray(x[i : i + chunk]), i, what)
 
 
-def codes(c, K: int, M: int) -> np.ndarray:
-    """Check a (n, m) integer code matrix with 1 <= m <= M and entries in [0, K)."""
+def codes(c, K: int, M: int, nlist: int = 0) -> np.ndarray:
+    """Check a (n, m) integer code matrix: 1 <= m <= M (M + 1 with IVF) and entries in [0, K)
+    (column 0 in [0, nlist) with IVF: the list ids)."""
     c = np.asarray(c)
     if c.dtype.kind not in "ui":
         raise QincoInputError(f"codes must be integers, got dtype {c.dtype}")
@@ -56,14 +57,46 @@ def codes(c, K: int, M: int) -> np.ndarray:
         raise QincoInputError(f"codes must be a 2-D array (n, m), got shape {c.shape}")
     if c.shape[0] == 0:
         raise QincoInputError("codes is empty (0 vectors)")
-    if not 1 <= c.shape[1] <= M:
+    if nlist and not 1 <= c.shape[1] <= M + 1:
+        raise QincoInputError(
+            f"IVF codes must have between 1 and M+1={M + 1} columns (list id, then M codes), got {c.shape[1]}"
+        )
+    if not nlist and not 1 <= c.shape[1] <= M:
         raise QincoInputError(f"codes must have between 1 and M={M} columns, got {c.shape[1]}")
+    if nlist:
+        _in_range(c[:, :1], nlist, "IVF list ids (codes column 0)")
+        if c.shape[1] > 1:
+            _in_range(c[:, 1:], K, "codes (columns 1..)")
+    else:
+        _in_range(c, K, "codes")
+    return c
+
+
+def _in_range(c: np.ndarray, K: int, what: str) -> None:
     lo, hi = int(c.min()), int(c.max())
     if lo < 0 or hi >= K:
         bad = np.flatnonzero(((c < 0) | (c >= K)).any(axis=1))[0]
-        raise QincoInputError(
-            f"codes out of range [0, {K}): min {lo}, max {hi}; first bad row is {int(bad)}"
-        )
+        raise QincoInputError(f"{what} out of range [0, {K}): min {lo}, max {hi}; first bad row is {int(bad)}")
+
+
+def centroids(c, d: int, nlist: int | None = None, what: str = "IVF centroids") -> np.ndarray:
+    """Check an (nlist, d) table of finite centroids; returns it as float32."""
+    try:
+        c = np.asarray(c)
+    except Exception as e:
+        raise QincoInputError(f"{what} cannot be read as a matrix: {e}") from None
+    if c.dtype.kind not in "uif":
+        raise QincoInputError(f"{what} must hold real numbers, got dtype {c.dtype}")
+    if c.ndim != 2:
+        raise QincoInputError(f"{what} must be a 2-D array (nlist, d), got shape {c.shape}")
+    if c.shape[0] < 1:
+        raise QincoInputError(f"{what} holds no centroid (shape {c.shape}); at least 1 is needed")
+    if c.shape[1] != d:
+        raise QincoInputError(f"{what} have dimension {c.shape[1]}, the data has d={d}")
+    if nlist is not None and c.shape[0] != nlist:
+        raise QincoInputError(f"{what} hold {c.shape[0]} centroids, the config says nlist={nlist}")
+    c = np.ascontiguousarray(c, dtype=np.float32)
+    finite_chunk(c, 0, what)
     return c
 
 

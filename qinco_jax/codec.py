@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qinco_jax import checks
-from qinco_jax.model import Qinco, QincoConfig
+from qinco_jax.model import Qinco, QincoConfig, nearest_blocked
 from qinco_jax.progress import Progress
 
 # Vectors per jitted call, and per inner sub-batch: the inner (sub, K, max(d, h)) activations stay
@@ -40,12 +40,25 @@ class Codec:
         object.__setattr__(self, "scale", s)
         check_params(self.config, self.params)
 
+    @property
+    def ivf_centroids(self) -> np.ndarray | None:
+        """(nlist, d) float32 IVF centroids in raw units; None for a plain QINCo codec."""
+        if not self.config.nlist:
+            return None
+        return np.asarray(self.params["codebook0"], np.float32) * np.float32(self.scale)
+
+
+def _init(cfg: QincoConfig, key):
+    """Qinco(cfg).init: through encode for plain QINCo (as always), through decode for IVF (creating
+    the same parameters without running the nearest-centroid scan eagerly)."""
+    if cfg.nlist:
+        return Qinco(cfg).init(key, jnp.zeros((1, cfg.num_codes), jnp.int32), method=Qinco.decode)
+    return Qinco(cfg).init(key, jnp.zeros((1, cfg.d)), method=Qinco.encode)
+
 
 def param_shapes(cfg: QincoConfig) -> dict:
     """The expected parameter tree as shapes (no computation)."""
-    variables = jax.eval_shape(
-        lambda: Qinco(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.d)), method=Qinco.encode)
-    )
+    variables = jax.eval_shape(lambda: _init(cfg, jax.random.key(0)))
     return jax.tree.map(lambda a: tuple(a.shape), variables["params"])
 
 
@@ -69,16 +82,23 @@ def check_params(cfg: QincoConfig, params) -> None:
 
 def init_params(cfg: QincoConfig, key: jax.Array) -> dict:
     """Random parameters: codebooks N(0, 1), linear layers as torch.nn.Linear's default init."""
-    return Qinco(cfg).init(key, jnp.zeros((1, cfg.d)), method=Qinco.encode)["params"]
+    return _init(cfg, key)["params"]
 
 
-def with_codebooks(params: dict, codebooks: np.ndarray) -> dict:
-    """Replace the M codebooks (M, K, d) of a parameter tree (scaled domain)."""
+def with_codebooks(params: dict, codebooks: np.ndarray, centroids: np.ndarray | None = None) -> dict:
+    """Replace the codebooks of a parameter tree (scaled domain).
+
+    Plain QINCo: codebooks (M, K, d) go to codebook0, step_1 .. step_{M-1}. IVF-QINCo: centroids
+    (nlist, d) go to codebook0 and codebooks (M, K, d) to step_1 .. step_M.
+    """
     params = dict(params)  # new containers: the caller's tree is left as it was
-    params["codebook0"] = jnp.asarray(codebooks[0], jnp.float32)
-    for m in range(1, codebooks.shape[0]):
+    if centroids is None:
+        params["codebook0"], rest = jnp.asarray(codebooks[0], jnp.float32), codebooks[1:]
+    else:
+        params["codebook0"], rest = jnp.asarray(centroids, jnp.float32), codebooks
+    for m, cb in enumerate(rest, start=1):
         step = dict(params[f"step_{m}"])
-        step["codebook"] = jnp.asarray(codebooks[m], jnp.float32)
+        step["codebook"] = jnp.asarray(cb, jnp.float32)
         params[f"step_{m}"] = step
     return params
 
@@ -105,16 +125,25 @@ def _encode_chunk(cfg: QincoConfig, requested: int | None, n: int) -> int:
 def _encode_fn(cfg: QincoConfig, chunk: int):
     model, sub = Qinco(cfg), _sub_batch(cfg, chunk)
 
-    def one(params, x_BD):
-        codes, xhat = model.apply({"params": params}, x_BD, method=Qinco.encode)
+    def one(params, x_BD, code0_B=None):
+        codes, xhat = model.apply({"params": params}, x_BD, code0_B, method=Qinco.encode)
         return codes, jnp.sum(jnp.square(xhat - x_BD), axis=-1)
 
     def run(params, x):
         xs = x.reshape(chunk // sub, sub, cfg.d)
-        codes, err = jax.lax.map(lambda xb: one(params, xb), xs)
-        return codes.reshape(chunk, cfg.M), err.reshape(chunk)
+        if cfg.nlist:  # the IVF assignment on the whole chunk (a matmul per centroid block), then the steps
+            code0 = model.apply({"params": params}, x, method=Qinco.assign).reshape(chunk // sub, sub)
+            codes, err = jax.lax.map(lambda a: one(params, *a), (xs, code0))
+        else:
+            codes, err = jax.lax.map(lambda xb: one(params, xb), xs)
+        return codes.reshape(chunk, cfg.num_codes), err.reshape(chunk)
 
     return jax.jit(run)
+
+
+@jax.jit
+def _assign_fn(c_ND, x_BD):
+    return nearest_blocked(x_BD, c_ND)
 
 
 @functools.lru_cache(maxsize=64)
@@ -154,7 +183,7 @@ def _pipelined(n, chunk, launch, progress, desc):
 def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False):
     """Greedy codes and the per-vector squared reconstruction error (raw units).
 
-    Returns (codes (n, M) uint8/uint16, err (n,) float64).
+    Returns (codes (n, cfg.num_codes) of cfg.code_dtype, err (n,) float64).
     """
     cfg = codec.config
     x = checks.vectors(x, cfg.d)
@@ -163,7 +192,7 @@ def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progres
     params = jax.device_put(codec.params)
     inv = np.float32(1.0 / codec.scale)
     n = x.shape[0]
-    codes = np.empty((n, cfg.M), cfg.code_dtype)
+    codes = np.empty((n, cfg.num_codes), cfg.code_dtype)
     err = np.empty(n, np.float64)
 
     def launch(start, stop):
@@ -188,7 +217,8 @@ def encode(codec: Codec, x, *, batch_size: int | None = None, progress: bool = F
       progress: show a progress bar on stderr.
 
     Returns:
-      (n, M) codes, uint8 when K <= 256 else uint16.
+      (n, cfg.num_codes) codes of cfg.code_dtype: (n, M) for plain QINCo, uint8 when K <= 256 else
+      uint16; (n, 1 + M) for IVF-QINCo, column 0 the list id (the dtype holds max(K, nlist)).
     """
     return encode_with_error(codec, x, batch_size=batch_size, progress=progress)[0]
 
@@ -198,7 +228,8 @@ def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool
 
     Args:
       codec: the codec.
-      codes: (n, m) integer codes with m <= M; m < M gives the m-step reconstruction.
+      codes: (n, m) integer codes with m <= cfg.num_codes; fewer columns give the reconstruction
+        from that prefix (IVF: m = 1 is the centroid). Column 0 of IVF codes must be < nlist.
       batch_size: vectors per jitted call.
       progress: show a progress bar on stderr.
 
@@ -206,7 +237,7 @@ def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool
       (n, d) float32.
     """
     cfg = codec.config
-    codes = checks.codes(codes, cfg.K, cfg.M)
+    codes = checks.codes(codes, cfg.K, cfg.M, nlist=cfg.nlist)
     n, m = codes.shape
     chunk = _chunk(batch_size, n)
     fn = _decode_fn(cfg, chunk, m)
@@ -223,6 +254,36 @@ def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool
     return out
 
 
+def _assign_scaled(c_scaled: np.ndarray, x, inv: np.float32, batch_size, progress: bool, what: str) -> np.ndarray:
+    """Nearest row of c_scaled for each row of x * inv, streamed in chunks (int64 ids)."""
+    x = checks.vectors(x, c_scaled.shape[1], what)
+    n = x.shape[0]
+    chunk = _chunk(batch_size, n)
+    c = jax.device_put(np.asarray(c_scaled, np.float32))
+    out = np.empty(n, np.int64)
+
+    def launch(start, stop):
+        block = np.asarray(x[start:stop], dtype=np.float32)
+        checks.finite_chunk(block, start, what)
+        return _assign_fn(c, _pad(block * inv, chunk))
+
+    for start, ids in _pipelined(n, chunk, launch, progress, "assign"):
+        stop = min(n, start + chunk)
+        out[start:stop] = ids[: stop - start]
+    return out
+
+
+def ivf_assign(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    """IVF list ids of x: the exact nearest centroid (first index on ties), streamed in chunks.
+
+    Equals column 0 of `encode(codec, x)` without running the QINCo steps. Returns (n,) int64.
+    """
+    if not codec.config.nlist:
+        raise checks.QincoInputError("ivf_assign needs an IVF-QINCo codec (config.nlist > 0)")
+    inv = np.float32(1.0 / codec.scale)
+    return _assign_scaled(np.asarray(codec.params["codebook0"]), x, inv, batch_size, progress, "x")
+
+
 def data_scale(xt) -> float:
     """The original's db_scale: the maximum entry of the training set (signed, not max-abs)."""
     s = float(np.max(xt))
@@ -233,23 +294,51 @@ def data_scale(xt) -> float:
     return s
 
 
-def init_codec(cfg: QincoConfig, xt, *, seed: int = 0, rq_beam_size: int = 1, scale: float | None = None) -> Codec:
+def init_codec(
+    cfg: QincoConfig,
+    xt,
+    *,
+    seed: int = 0,
+    rq_beam_size: int = 1,
+    scale: float | None = None,
+    centroids=None,
+) -> Codec:
     """A codec initialised as the original: RQ codebooks trained on xt (raw units) divided by the
     data scale, and torch-default random linear layers.
+
+    IVF-QINCo (cfg.nlist > 0): codebook0 holds the centroids (raw units, (nlist, d); default: faiss
+    k-means on xt with this seed), and the M-level RQ is trained on the residuals x - c[assign], where
+    assign is the codec's own (exact) IVF assignment.
 
     Args:
       cfg: architecture.
       xt: (n, d) training vectors in raw units.
-      seed: seed of the random linear layers.
+      seed: seed of the random linear layers (and of the IVF k-means).
       rq_beam_size: beam size of the faiss ResidualQuantizer that initialises the codebooks.
       scale: data scale; default xt.max() as in the original.
+      centroids: IVF centroids in raw units (IVF only).
     """
     from qinco_jax import faiss_ops
 
     xt = checks.vectors(xt, cfg.d, "training vectors")
     checks.finite(xt, "training vectors")
+    if centroids is not None and not cfg.nlist:
+        raise checks.QincoInputError("centroids are given but the config is not IVF (nlist = 0)")
     scale = data_scale(xt) if scale is None else float(scale)
-    rq = faiss_ops.train_rq(np.asarray(xt, np.float32), cfg.M, cfg.K, rq_beam_size)
+    x = np.asarray(xt, np.float32)
+    c_scaled = None
+    if cfg.nlist:
+        if centroids is None:
+            if cfg.nlist > x.shape[0]:
+                raise checks.QincoInputError(
+                    f"k-means of nlist={cfg.nlist} centroids needs at least as many training vectors, got {x.shape[0]}"
+                )
+            centroids = faiss_ops.kmeans(x, cfg.nlist, seed)
+        centroids = checks.centroids(centroids, cfg.d, cfg.nlist)
+        c_scaled = centroids * np.float32(1.0 / scale)
+        assign = _assign_scaled(c_scaled, x, np.float32(1.0 / scale), None, False, "training vectors")
+        x = x - centroids[assign]
+    rq = faiss_ops.train_rq(x, cfg.M, cfg.K, rq_beam_size)
     codebooks = faiss_ops.rq_codebooks(rq) / np.float32(scale)
-    params = with_codebooks(init_params(cfg, jax.random.key(seed)), codebooks)
+    params = with_codebooks(init_params(cfg, jax.random.key(seed)), codebooks, c_scaled)
     return Codec(cfg, jax.device_get(params), scale)

@@ -29,6 +29,16 @@ def train_rq(xt: np.ndarray, M: int, K: int, beam_size: int = 1):
     return rq
 
 
+def kmeans(xt: np.ndarray, k: int, seed: int, niter: int = 10) -> np.ndarray:
+    """(k, d) faiss k-means centroids of xt (the original's IVF recipe: 10 iterations), seeded."""
+    import faiss
+
+    xt = _f32(xt)
+    km = faiss.Kmeans(xt.shape[1], int(k), niter=niter, seed=int(seed), verbose=False)
+    km.train(xt)
+    return km.centroids.copy()
+
+
 def rq_codebooks(rq) -> np.ndarray:
     """(M, K, d) codebooks of a trained additive quantizer."""
     import faiss
@@ -47,6 +57,8 @@ def to_faiss(codec):
     cfg = codec.config
     if cfg.lowrank:
         raise ValueError("faiss.QINCo has no low-rank (QINCo-LR) variant")
+    if cfg.nlist:
+        raise ValueError("to_faiss exports plain QINCo only, not IVF-QINCo")
     p = {k: v for k, v in codec.params.items()}
     q = faiss.QINCo(cfg.d, cfg.K, cfg.L, cfg.M, cfg.h)
     q.codebook0.from_array(_f32(p["codebook0"]))

@@ -31,9 +31,29 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-def optimizer() -> optax.GradientTransformation:
-    """Adam's moment estimates; the step size is applied in the train step (lr changes between epochs)."""
-    return optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+def optimizer(cfg: QincoConfig | None = None) -> optax.GradientTransformation:
+    """Adam's moment estimates; the step size is applied in the train step (lr changes between epochs).
+
+    IVF-QINCo: the centroids (codebook0) are frozen: their update is zero and Adam keeps no state for them.
+    """
+    adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+    return frozen_first(adam) if cfg is not None and cfg.nlist else adam
+
+
+def frozen_first(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` on every parameter but codebook0, whose update is exactly zero (the frozen IVF table)."""
+
+    def rest(tree):
+        return None if tree is None else {k: v for k, v in tree.items() if k != "codebook0"}
+
+    def init(params):
+        return inner.init(rest(params))
+
+    def update(updates, state, params=None):
+        out, state = inner.update(rest(updates), state, rest(params))
+        return {**out, "codebook0": jnp.zeros_like(updates["codebook0"])}, state
+
+    return optax.GradientTransformation(init, update)
 
 
 def plateau() -> optax.GradientTransformationExtraArgs:
@@ -53,19 +73,29 @@ def _slice(cfg: QincoConfig, b: int) -> int:
 
 
 def greedy_codes(cfg: QincoConfig, params, x_BD):
-    """Greedy codes of the current model, without gradient, in cache-sized slices."""
+    """Greedy codes of the current model, without gradient, in cache-sized slices.
+
+    IVF: the list ids are assigned on the whole local batch first (the centroids are frozen, so this
+    equals the original's precomputed assignment), then the steps run slice by slice.
+    """
     model, (b, d) = Qinco(cfg), x_BD.shape
     sub = _slice(cfg, b)
     params = jax.tree.map(lambda a: jax.lax.stop_gradient(jnp.asarray(a)), params)
+    xs = x_BD.reshape(b // sub, sub, d)
+    if cfg.nlist:
+        code0 = model.apply({"params": params}, x_BD, method=Qinco.assign).reshape(b // sub, sub)
+        one = lambda a: model.apply({"params": params}, *a, method=Qinco.encode)[0]  # noqa: E731
+        return jax.lax.map(one, (xs, code0)).reshape(b, cfg.num_codes)
     one = lambda xb: model.apply({"params": params}, xb, method=Qinco.encode)[0]  # noqa: E731
-    return jax.lax.map(one, x_BD.reshape(b // sub, sub, d)).reshape(b, cfg.M)
+    return jax.lax.map(one, xs).reshape(b, cfg.M)
 
 
 def loss_terms(cfg: QincoConfig, params, x_BD, w_B):
     """(weighted sum of the per-vector errors summed over prefixes, sum of weights).
 
     The original's forward pass: greedy codes (no gradient flows through the argmin), then the
-    differentiable re-decoding, with every prefix's squared error.
+    differentiable re-decoding, with every prefix's squared error (IVF: the prefix-1 error, the IVF
+    error, is in the sum but carries no gradient).
     """
     codes = greedy_codes(cfg, params, x_BD)
     xhats = Qinco(cfg).apply({"params": params}, codes, method=Qinco.decode_prefixes)
@@ -74,7 +104,7 @@ def loss_terms(cfg: QincoConfig, params, x_BD, w_B):
 
 
 def _device_step(cfg: QincoConfig, state: TrainState, x_BD, w_B, lr):
-    tx = optimizer()
+    tx = optimizer(cfg)
 
     def local_loss(params):
         err, count = loss_terms(cfg, params, x_BD, w_B)
@@ -106,9 +136,9 @@ def train_step(cfg: QincoConfig, devices: tuple | None = None):
     )
 
 
-def init_state(params) -> TrainState:
-    """Fresh Adam state for params (host arrays)."""
-    return TrainState(params, optimizer().init(params))
+def init_state(params, cfg: QincoConfig | None = None) -> TrainState:
+    """Fresh Adam state for params (host arrays); pass cfg for an IVF model (frozen centroids)."""
+    return TrainState(params, optimizer(cfg).init(params))
 
 
 def replicate(state: TrainState, devices: tuple | None = None) -> TrainState:

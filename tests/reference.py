@@ -1,4 +1,8 @@
-"""An independent numpy implementation of QINCo v1 (the original's naive formulation), for tests."""
+"""An independent numpy implementation of QINCo v1 and IVF-QINCo (the original's naive formulation), for tests.
+
+IVF (ivf=True): codebook0 is the centroid table, searched exhaustively, and steps step_1 .. step_M follow
+(M neural steps, codes with M + 1 columns); plain QINCo has steps step_1 .. step_{M-1}.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +22,13 @@ def _step_f(sp: dict, c: np.ndarray, xhat: np.ndarray, L: int, lowrank: bool) ->
     return z
 
 
-def encode(params: dict, x: np.ndarray, M: int, L: int, lowrank: bool = False):
+def encode(params: dict, x: np.ndarray, M: int, L: int, lowrank: bool = False, ivf: bool = False):
     """Greedy encoding in float64: all K candidates per step, squared L2, first index on ties."""
     x = x.astype(np.float64)
     cb0 = np.asarray(params["codebook0"], np.float64)
-    code = ((x[:, None, :] - cb0[None]) ** 2).sum(-1).argmin(1)
+    code = np.array([((xi - cb0) ** 2).sum(-1).argmin() for xi in x], np.int64)  # one row at a time
     xhat, codes = cb0[code], [code]
-    for m in range(1, M):
+    for m in range(1, M + ivf):
         sp = params[f"step_{m}"]
         C = np.asarray(sp["codebook"], np.float64)
         n, K = x.shape[0], C.shape[0]

@@ -25,6 +25,8 @@ class TrainConfig:
     L: int = 2
     h: int = 256
     lowrank: bool = False
+    ivf: int = 0  # IVF-QINCo with this many centroids (0: plain QINCo); set from the file with ivf_centroids
+    ivf_centroids: str | None = None  # IVF centroids (nlist, d), raw units; default: faiss k-means on the training set
     # recipe
     lr: float = 1e-3
     batch_size: int = 1024  # global batch, split over all devices of all processes
@@ -43,7 +45,7 @@ class TrainConfig:
     process_id: int | None = None
 
     def model(self, d: int) -> QincoConfig:
-        return QincoConfig(d=d, K=self.K, M=self.M, L=self.L, h=self.h, lowrank=self.lowrank)
+        return QincoConfig(d=d, K=self.K, M=self.M, L=self.L, h=self.h, lowrank=self.lowrank, nlist=self.ivf)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

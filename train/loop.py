@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from qinco_jax.progress import Progress
 from train.config import TrainConfig
 
 METRICS = "metrics.jsonl"
+CENTROIDS = "ivf_centroids.npy"  # an IVF run's centroids (raw units), as used to initialise it
 
 
 def init_distributed(cfg: TrainConfig) -> None:
@@ -71,23 +73,60 @@ def val_mse(codec: qj.Codec, xval) -> float:
 RQ_BASELINE_NT = 200_000  # bounds the end-of-run baseline's training time on large sets
 
 
-def rq_val_mse(xt, xval, M: int, K: int, beam: int) -> float:
-    """MSE on xval of a faiss ResidualQuantizer of the same size trained on (at most 200k of) xt."""
-    rq = faiss_ops.train_rq(np.asarray(xt[:RQ_BASELINE_NT], np.float32), M, K, beam)
-    xv = np.ascontiguousarray(xval, np.float32)
+def rq_val_mse(xt, xval, M: int, K: int, beam: int, ivf: qj.Codec | None = None) -> float:
+    """MSE on xval of a faiss ResidualQuantizer of the same size trained on (at most 200k of) xt.
+
+    With an IVF codec, the baseline is IVF-RQ: the same centroids and assignment, and the RQ trained
+    on and applied to the residuals x - c[assign] (the same code size as IVF-QINCo).
+    """
+    xt = np.asarray(xt[:RQ_BASELINE_NT], np.float32)
+    xv = np.array(xval, np.float32)
+    if ivf is not None:
+        c = ivf.ivf_centroids
+        xt = xt - c[qj.codec.ivf_assign(ivf, xt)]
+        xv -= c[qj.codec.ivf_assign(ivf, xv)]
+    rq = faiss_ops.train_rq(xt, M, K, beam)
     return float(((rq.decode(rq.compute_codes(xv)) - xv) ** 2).sum(1).mean())
 
 
-def fresh_start(cfg: TrainConfig, ds: data.Dataset, log) -> tuple[dict, dict]:
-    """RQ-initialised codec and the loop state before the first epoch."""
+def ivf_setup(cfg: TrainConfig, ds: data.Dataset) -> tuple[TrainConfig, np.ndarray | None]:
+    """Check the IVF flags of a new run; with --ivf-centroids, read the file and set cfg.ivf to its size.
+
+    Returns (cfg, centroids in raw units or None when k-means is still to run or the model is plain).
+    """
+    if cfg.ivf < 0:
+        raise qj.QincoInputError(f"--ivf must be a positive number of centroids, got {cfg.ivf}")
+    if cfg.ivf_centroids:
+        path = cfg.ivf_centroids
+        c = checks.centroids(data.read_vectors(path, mmap=False), ds.d, what=f"--ivf-centroids {path}")
+        if cfg.ivf and cfg.ivf != c.shape[0]:
+            raise qj.QincoInputError(f"--ivf {cfg.ivf} disagrees with --ivf-centroids {path}, which holds {c.shape[0]} centroids")
+        return dataclasses.replace(cfg, ivf=c.shape[0]), c
+    if cfg.ivf > ds.xt.shape[0]:
+        raise qj.QincoInputError(
+            f"--ivf {cfg.ivf}: k-means needs at least as many training vectors as centroids, got nt={ds.xt.shape[0]}"
+        )
+    cfg.model(ds.d)  # a bad nlist is reported before anything runs
+    return cfg, None
+
+
+def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir: str | None = None) -> tuple[dict, dict]:
+    """RQ-initialised codec (IVF: after the centroids) and the loop state before the first epoch."""
     mcfg = cfg.model(ds.d)
+    if mcfg.nlist and centroids is None:
+        t0 = time.time()
+        centroids = faiss_ops.kmeans(np.asarray(ds.xt, np.float32), mcfg.nlist, cfg.seed)
+        log(f"IVF: k-means of {mcfg.nlist} centroids done in {time.time() - t0:.1f}s")
+    if mcfg.nlist and workdir is not None and jax.process_index() == 0:
+        np.save(os.path.join(workdir, CENTROIDS), np.asarray(centroids, np.float32))
     t0 = time.time()
-    codec = qj.init_codec(mcfg, ds.xt, seed=cfg.seed, rq_beam_size=cfg.rq_beam_size)
-    log(f"RQ {mcfg.M}x{int(np.log2(mcfg.K))} (beam {cfg.rq_beam_size}) initialisation done in {time.time() - t0:.1f}s; "
-        f"data scale {codec.scale:.6g}; {mcfg.num_params():,} parameters")
+    codec = qj.init_codec(mcfg, ds.xt, seed=cfg.seed, rq_beam_size=cfg.rq_beam_size, centroids=centroids)
+    what = f"IVF{mcfg.nlist} + RQ on the residuals" if mcfg.nlist else "RQ"
+    log(f"{what} {mcfg.M}x{int(np.log2(mcfg.K))} (beam {cfg.rq_beam_size}) initialisation done in {time.time() - t0:.1f}s; "
+        f"data scale {codec.scale:.6g}; {mcfg.num_params():,} trainable parameters")
     val0 = val_mse(codec, ds.xval)
     log(f"before optimisation: val MSE {val0:.6g}")
-    state = {"train": training.init_state(codec.params), "plateau": training.plateau().init(codec.params)}
+    state = {"train": training.init_state(codec.params, mcfg), "plateau": training.plateau().init(codec.params)}
     meta = {"epoch": -1, "scale": codec.scale, "best_val": None, "best_epoch": None, "val0": val0, "stopped": False}
     return state, meta
 
@@ -96,7 +135,7 @@ def resume(cfg: TrainConfig, ds: data.Dataset, ckpts: TrainCheckpoints, workdir:
     """The state of the last completed epoch; metrics past it are dropped (they will be redone)."""
     mcfg = cfg.model(ds.d)
     params = jax.device_get(qj.codec.init_params(mcfg, jax.random.key(0)))
-    template = {"train": training.init_state(params), "plateau": training.plateau().init(params)}
+    template = {"train": training.init_state(params, mcfg), "plateau": training.plateau().init(params)}
     state, meta = ckpts.restore(template)
     state = {"train": training.TrainState(*state["train"]), "plateau": state["plateau"]}
     log(f"resuming {workdir} after epoch {meta['epoch']}")
@@ -183,7 +222,7 @@ def fit(cfg: TrainConfig, ds: data.Dataset, state, meta, workdir, ckpts, log) ->
         t0 = time.time()
         train_state = state["train"]
         if not cfg.persistent_adam:  # the original re-creates Adam at every epoch
-            train_state = training.init_state(train_state.params)
+            train_state = training.init_state(train_state.params, mcfg)
         loss, train_state = train_epoch(cfg, mcfg, train_state, ds.xt, epoch, lr, meta["scale"])
         state = {"train": train_state, "plateau": state["plateau"]}
         state, meta = end_of_epoch(cfg, ds, state, meta, epoch, loss, lr, t0, workdir, ckpts, log)
@@ -229,20 +268,26 @@ def summarize(cfg: TrainConfig, ds: data.Dataset, meta: dict, workdir: str, log)
     mcfg = cfg.model(ds.d)
     best = qj.load(workdir)
     res = {"qinco_val_mse": val_mse(best, ds.xval), "best_epoch": meta["best_epoch"], "before_training": meta["val0"]}
+    ivf = best if mcfg.nlist else None
+    base = f"faiss IVF{mcfg.nlist}-RQ" if ivf else "faiss RQ"  # IVF: same centroids, RQ of the residuals
+    res["baseline"] = base
     for beam in (1, 5):
-        res[f"rq_beam{beam}_val_mse"] = rq_val_mse(ds.xt, ds.xval, mcfg.M, mcfg.K, beam)
+        res[f"rq_beam{beam}_val_mse"] = rq_val_mse(ds.xt, ds.xval, mcfg.M, mcfg.K, beam, ivf)
     if jax.process_index() == 0:
         write_json(os.path.join(workdir, "summary.json"), res)
-        rq = {f"faiss RQ, beam {b}": res[f"rq_beam{b}_val_mse"] for b in (1, 5)}
+        rq = {f"{base}, beam {b}": res[f"rq_beam{b}_val_mse"] for b in (1, 5)}
         if plot_metrics(read_metrics(workdir), os.path.join(workdir, "training.png"), rq):
             log(f"plot: {os.path.join(workdir, 'training.png')}")
     nbytes = mcfg.M * np.log2(mcfg.K) / 8
-    log(f"\nvalidation MSE on {ds.xval.shape[0]} vectors, {nbytes:g} bytes per vector (M={mcfg.M}, K={mcfg.K}):")
-    log(f"  QINCo (best epoch {meta['best_epoch']})  {res['qinco_val_mse']:.6g}")
+    extra = f", plus a list id of {mcfg.nlist}" if mcfg.nlist else ""
+    name = "IVF-QINCo" if mcfg.nlist else "QINCo"
+    log(f"\nvalidation MSE on {ds.xval.shape[0]} vectors, {nbytes:g} bytes per vector (M={mcfg.M}, K={mcfg.K}{extra}):")
+    log(f"  {name} (best epoch {meta['best_epoch']})  {res['qinco_val_mse']:.6g}")
     for beam in (1, 5):
         r = res[f"rq_beam{beam}_val_mse"]
         gain = 100 * (1 - res["qinco_val_mse"] / r)
-        log(f"  faiss RQ, beam {beam}            {r:.6g}   (QINCo is {abs(gain):.1f}% {'lower' if gain >= 0 else 'higher'})")
+        log(f"  {base}, beam {beam}{' ' * max(1, 20 - len(base))}{r:.6g}   "
+            f"({name} is {abs(gain):.1f}% {'lower' if gain >= 0 else 'higher'})")
     log(f"best codec: {os.path.join(workdir, 'best')}  (qinco_jax.load('{workdir}'))")
     return res
 
@@ -255,6 +300,9 @@ def run(cfg: TrainConfig, log=print) -> dict:
     ds = load_data(cfg)
     checks.finite(ds.xt, "training vectors")
     checks.finite(ds.xval, "validation vectors")
+    centroids = None
+    if not cfg.resume:  # a resumed run's centroids are in its checkpoint (and its config holds nlist)
+        cfg, centroids = ivf_setup(cfg, ds)
     workdir = prepare_workdir(cfg)
     log(f"{jax.device_count()} device(s) over {jax.process_count()} process(es); "
         f"train {ds.xt.shape}, validation {ds.xval.shape}; workdir {workdir}")
@@ -263,7 +311,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
         if cfg.resume:
             state, meta = resume(cfg, ds, ckpts, workdir, log)
         else:
-            state, meta = fresh_start(cfg, ds, log)
+            state, meta = fresh_start(cfg, ds, log, centroids, workdir)
         meta = fit(cfg, ds, state, meta, workdir, ckpts, log)
     finally:
         ckpts.close()

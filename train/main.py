@@ -4,6 +4,7 @@
     python train/main.py --dataset bigann1M --nt 500000 --M 8 --L 2 --lr 1e-3 --workdir runs/bigann
     python train/main.py --train my_vectors.fvecs --M 8 --workdir runs/mine
     python train/main.py --workdir runs/bigann --resume    # continue a killed run
+    python train/main.py --train my_vectors.fvecs --ivf 4096 --M 8 --workdir runs/ivf   # IVF-QINCo
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def parser() -> argparse.ArgumentParser:
     for name in ("K", "M", "L", "h"):
         g.add_argument(f"--{name}", type=int)
     g.add_argument("--lowrank", action="store_true", default=None, help="QINCo-LR concat block")
+    g.add_argument("--ivf", type=int, metavar="NLIST",
+                   help="IVF-QINCo: step 0 is a frozen table of NLIST faiss k-means centroids of the training set")
+    g.add_argument("--ivf-centroids", metavar="FILE.npy",
+                   help="IVF-QINCo with these centroids ((nlist, d), raw units) instead of k-means")
     g = ap.add_argument_group("recipe")
     g.add_argument("--lr", type=float)
     g.add_argument("--batch-size", type=int, help="global batch (default 1024)")

@@ -151,11 +151,13 @@ def config_from_meta(meta: dict, where: str, limits: Limits = limits_mod.DEFAULT
     raw = meta.get("config")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: field 'config' is {short(raw)}, expected an object")
-    names = ("d", "K", "M", "L", "h", "lowrank")
+    names = ("d", "K", "M", "L", "h", "lowrank", "nlist")  # nlist (IVF) is optional: older files are plain
     extra = sorted(k for k in raw if k not in names)
     if extra:
         raise CheckpointError(f"{where}: unknown field config.{short(extra[0])[1:-1]}")
-    values = {k: _int_field(raw, k, where + ": config") for k in names[:-1]}
+    values = {k: _int_field(raw, k, where + ": config") for k in names[:5]}
+    if "nlist" in raw:
+        values["nlist"] = _int_field(raw, "nlist", where + ": config")
     if not isinstance(raw.get("lowrank"), bool):
         raise CheckpointError(f"{where}: field config.lowrank is {short(raw.get('lowrank'))}, expected true or false")
     try:

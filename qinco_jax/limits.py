@@ -73,13 +73,13 @@ class Budget:
 def check_config(cfg, what: str, limits: Limits = DEFAULT) -> None:
     """Refuse a model configuration from a file whose size is out of budget, before any shape is computed.
 
-    cfg: a QincoConfig (d, K, M, L, h and num_params()).
+    cfg: a QincoConfig (d, K, M, L, h, nlist and num_params()).
     """
     for name, hi in (("d", limits.max_dim), ("h", limits.max_dim), ("M", limits.max_steps), ("L", limits.max_blocks)):
         value = getattr(cfg, name)
         if value > hi:
             raise CheckpointError(f"{what}: {name} = {short(value)} is over the budget of {hi:,}; refused")
-    n = cfg.num_params()
+    n = cfg.num_params() + cfg.nlist * cfg.d  # the frozen IVF centroids count too
     if n > limits.max_params:
         raise CheckpointError(f"{what}: the configuration declares {n:,} parameters, over the budget of "
                               f"{limits.max_params:,}; refused")

@@ -236,3 +236,14 @@ def test_loss_includes_the_ivf_error_without_gradient():
     g = jax.grad(lambda p: training.loss_terms(IVF, p, jnp.asarray(xs), jnp.asarray(w))[0])(codec.params)
     assert float(jnp.abs(g["codebook0"]).max()) == 0.0
     assert float(jnp.abs(g["step_1"]["codebook"]).max()) > 0.0
+
+
+@pytest.mark.parametrize("value, match", [("40", "'nlist' is '40', expected an integer"), (1 << 29, "over the budget"),
+                                          (-1, "nlist must be >= 0")])
+def test_saved_nlist_is_checked(tmp_path, value, match):
+    path = qj.save(random_codec(IVF), tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "qinco.json").read_text())
+    meta["config"]["nlist"] = value
+    (tmp_path / "c" / "qinco.json").write_text(json.dumps(meta))
+    with pytest.raises(qj.CheckpointError, match=match):
+        qj.load(path)

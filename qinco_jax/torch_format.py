@@ -1,7 +1,7 @@
 """Official PyTorch QINCo v1 checkpoints (.pt) -> (QincoConfig, params, scale), without torch.
 
 `qinco_jax.unpickler` reads the archive into inert records (no code from the file runs); this module
-checks the record tree of a QINCo / QINCo-LR module and converts it to a `QincoConfig`, a parameter
+checks the record tree of a QINCo / QINCo-LR / IVF-QINCo module and converts it to a `QincoConfig`, a parameter
 tree in this package's layout (see qinco_jax.model) and the data scale (the original's db_scale).
 """
 
@@ -71,11 +71,11 @@ def _int_attr(rec: ModuleRecord, name: str) -> int:
 
 
 def _top_module(obj) -> ModuleRecord:
-    """The pickled QINCo / QINCoLR module, or an error saying what the file holds instead."""
-    if isinstance(obj, ModuleRecord) and obj.name in ("QINCo", "QINCoLR") and isinstance(obj.state, dict):
+    """The pickled QINCo / QINCoLR / IVFQINCo module, or an error saying what the file holds instead."""
+    if isinstance(obj, ModuleRecord) and obj.name in ("QINCo", "QINCoLR", "IVFQINCo") and isinstance(obj.state, dict):
         return obj
     if isinstance(obj, ModuleRecord):
-        raise CheckpointError(f"the checkpoint holds a {obj.torch_class}, not a QINCo or QINCoLR model")
+        raise CheckpointError(f"the checkpoint holds a {obj.torch_class}, not a QINCo, QINCoLR or IVFQINCo model")
     if isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
         raise CheckpointError(
             "the checkpoint holds a state_dict (tensors only), not a model saved with torch.save(model, path); "
@@ -84,18 +84,22 @@ def _top_module(obj) -> ModuleRecord:
     raise CheckpointError(f"the checkpoint holds a {type(obj).__name__}, not a QINCo model")
 
 
-def _step_names(top: ModuleRecord, M: int) -> list[str]:
-    """step1 .. step{M-1}, checked against the registered submodules."""
+def _step_names(top: ModuleRecord, M: int, ivf: bool = False) -> list[str]:
+    """step1 .. step{M-1} (IVFQINCo: M full steps step0 .. step{M-1}), checked against the registered submodules."""
     mods = top.state.get("_modules")
     if not isinstance(mods, dict):
         raise CheckpointError("the QINCo module has no submodules")
     if not all(isinstance(k, str) for k in mods):
         raise CheckpointError("the QINCo module has submodules with non-string names")
-    if len(mods) != M:  # checked first: M comes from the file and may be absurdly large
-        raise CheckpointError(f"the QINCo module has {len(mods)} submodules {short(sorted(mods))}, expected M={M}")
-    want = ["codebook0"] + [f"step{m}" for m in range(1, M)]
+    if len(mods) != M + ivf:  # checked first: M comes from the file and may be absurdly large
+        raise CheckpointError(
+            f"the {top.name} module has {len(mods)} submodules {short(sorted(mods))}, expected {M + ivf} for M={M}"
+        )
+    want = ["codebook0"] + [f"step{m}" for m in range(0 if ivf else 1, M)]
     if sorted(mods) != sorted(want):
-        raise CheckpointError(f"the QINCo module has submodules {short(sorted(mods))}, expected {short(want)} for M={M}")
+        raise CheckpointError(
+            f"the {top.name} module has submodules {short(sorted(mods))}, expected {short(want)} for M={M}"
+        )
     return want[1:]
 
 
@@ -115,14 +119,18 @@ def _is_lowrank(top: ModuleRecord, steps: list[str]) -> bool:
 def _config(top: ModuleRecord) -> tuple[QincoConfig, list[str]]:
     """QincoConfig from the module attributes and structure, plus the step names."""
     d, K, L, M, h = (_int_attr(top, a) for a in ("d", "K", "L", "M", "h"))
+    ivf = top.name == "IVFQINCo"
+    nlist = _int_attr(top, "K_IVF") if ivf else 0  # IVF: M counts the QINCo steps after the centroids
+    if ivf and nlist < 1:
+        raise CheckpointError(f"invalid architecture in the checkpoint: K_IVF = {nlist}, expected >= 1")
     try:
-        QincoConfig(d=d, K=K, M=M, L=L, h=h)  # ranges, before M sizes any loop
+        QincoConfig(d=d, K=K, M=M, L=L, h=h, nlist=nlist)  # ranges, before M sizes any loop
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid architecture in the checkpoint: {e}") from None
-    limits.check_config(QincoConfig(d=d, K=K, M=M, L=L, h=h), "the checkpoint")
-    steps = _step_names(top, M)
+    limits.check_config(QincoConfig(d=d, K=K, M=M, L=L, h=h, nlist=nlist), "the checkpoint")
+    steps = _step_names(top, M, ivf)
     lowrank = _is_lowrank(top, steps)
-    cfg = QincoConfig(d=d, K=K, M=M, L=L, h=h, lowrank=lowrank)
+    cfg = QincoConfig(d=d, K=K, M=M, L=L, h=h, lowrank=lowrank, nlist=nlist)
     limits.check_config(cfg, "the checkpoint")
     return cfg, steps
 
@@ -183,8 +191,8 @@ def _convert(obj) -> tuple[QincoConfig, dict, float]:
     top = _top_module(obj)
     cfg, steps = _config(top)
     cb0 = _submodule(top, "codebook0", "codebook0", "Embedding")
-    params = {"codebook0": _tensor(cb0, "weight", "codebook0.weight", (cfg.K, cfg.d))}
-    for m, name in enumerate(steps, start=1):
+    params = {"codebook0": _tensor(cb0, "weight", "codebook0.weight", (cfg.nlist or cfg.K, cfg.d))}
+    for m, name in enumerate(steps, start=1):  # IVF: step{m-1} -> step_{m} (code column m)
         step = _submodule(top, name, name, "QINCoStep")
         params[f"step_{m}"] = _step_params(step, cfg, name)
     return cfg, params, _db_scale(top)
@@ -194,7 +202,8 @@ def load_pt(path) -> tuple[QincoConfig, dict, float]:
     """Read a PyTorch QINCo v1 checkpoint (torch.save(model, path)) without torch.
 
     Returns (config, params, scale): params is a nested dict of float32 numpy arrays in this
-    package's layout (qinco_jax.model), scale the model's db_scale. Raises CheckpointError for
-    anything that is not a readable QINCo / QINCo-LR checkpoint; no code from the file is run.
+    package's layout (qinco_jax.model), scale the model's db_scale. IVFQINCo files give an IVF
+    config (nlist = K_IVF, the frozen centroids in codebook0). Raises CheckpointError for anything
+    that is not a readable QINCo / QINCo-LR / IVF-QINCo checkpoint; no code from the file is run.
     """
     return convert(read_objects(path))

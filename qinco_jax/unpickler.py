@@ -6,7 +6,7 @@ record `<prefix>/data/<key>` per tensor storage. A normal unpickler would import
 globals the pickle names, so `data.pkl` is read by `RestrictedUnpickler`, whose `find_class` maps a
 short, fixed list of globals to inert stand-ins:
 
-- the QINCo / QINCoStep / torch.nn module classes -> `ModuleRecord` subclasses that only keep
+- the QINCo / QINCoLR / IVFQINCo / QINCoStep / torch.nn module classes -> `ModuleRecord` subclasses that only keep
   their attribute dict;
 - torch's tensor / parameter rebuild functions -> functions that slice numpy arrays out of the
   storage records (offset, size and stride checked against the record length);
@@ -56,8 +56,8 @@ _TORCH_MODULES = frozenset({
     ("torch.nn.modules.container", "Sequential"), ("torch.nn.modules.container", "ModuleList"),
     ("torch.nn.modules.activation", "ReLU"),
 })
-_QINCO_CLASSES = frozenset({"QINCo", "QINCoLR", "QINCoStep"})
-_UNSUPPORTED = {"IVFQINCo": "IVF-QINCo", "PQ_QINCo": "PQ-QINCo"}
+_QINCO_CLASSES = frozenset({"QINCo", "QINCoLR", "IVFQINCo", "QINCoStep"})
+_UNSUPPORTED = {"PQ_QINCo": "PQ-QINCo"}
 _KEY_RE = re.compile(r"[A-Za-z0-9_.]{1,64}")
 
 
@@ -256,7 +256,7 @@ def resolve_global(module: str, name: str):
             return _record_class(module, name)
         if name in _UNSUPPORTED:
             raise CheckpointError(
-                f"{module}.{name}: {_UNSUPPORTED[name]} checkpoints are not supported (only QINCo and QINCo-LR)"
+                f"{module}.{name}: {_UNSUPPORTED[name]} checkpoints are not supported (only QINCo, QINCo-LR and IVF-QINCo)"
             )
     written, shown = short(written, 120)[1:-1], f"{short(module, 80)[1:-1]}.{short(name, 80)[1:-1]}"
     hint = "" if written == f"{module}.{name}" else f" (written as {written})"

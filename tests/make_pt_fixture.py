@@ -6,7 +6,8 @@ Needs torch (the optional `torch` extra); the tests themselves never import it:
 
 It defines, in a module registered as `model_qinco`, classes with the same names, attributes
 and submodule layout as the original QINCo v1 model (spec sections 1.2-1.6), so that
-`torch.save(model, path)` writes the same pickle structure as the official training script.
+`torch.save(model, path)` writes the same pickle structure as the official training script
+(IVFQINCo: spec sections 1.7 and 1.9).
 It also stores, per checkpoint, a few scaled input vectors with the torch model's greedy codes
 and the decoded reconstructions of those codes (`*_ref.npz`).
 """
@@ -122,15 +123,32 @@ class QINCoLR(QINCo):
             step.MLPconcat = nn.Sequential(nn.Linear(2 * d, h, bias=False), nn.Linear(h, d, bias=False))
 
 
-def make(cls, out_dir, name, d, K, M, L, h, db_scale, n=24, seed=0):
-    """Build, save and reference-encode one tiny model."""
+@_exported
+class IVFQINCo(QINCo):
+    """A frozen table of K_IVF centroids (codebook0), then M full QINCo steps registered as step0 .. step{M-1};
+    codes have M + 1 columns (column 0 the list id). encode / decode are QINCo's."""
+
+    def __init__(self, d, K_IVF, K, L, M, h):
+        nn.Module.__init__(self)
+        self.d, self.K_IVF, self.K, self.L, self.M, self.h = d, K_IVF, K, L, M, h
+        self.codebook0 = nn.Embedding(K_IVF, d, _freeze=True)
+        self.steps = []
+        for m in range(M):
+            step = QINCoStep(d, K, L, h)
+            self.add_module(f"step{m}", step)
+            self.steps.append(step)
+
+
+def make(cls, out_dir, name, d, K, M, L, h, db_scale, n=24, seed=0, nlist=0):
+    """Build, save and reference-encode one tiny model (nlist: the K_IVF of an IVFQINCo)."""
     torch.manual_seed(seed)
-    model = cls(d, K, L, M, h)
+    model = cls(d, nlist, K, L, M, h) if cls is IVFQINCo else cls(d, K, L, M, h)
     model.db_scale = np.float32(db_scale)
     model.eval()
     gen = torch.Generator().manual_seed(seed + 1)
     # Inputs near the first-level codewords plus noise, so the steps have work to do.
-    x = model.codebook0.weight[torch.randint(0, K, (n,), generator=gen)] + 0.5 * torch.randn(n, d, generator=gen)
+    rows = torch.randint(0, nlist or K, (n,), generator=gen)
+    x = model.codebook0.weight[rows] + 0.5 * torch.randn(n, d, generator=gen)
     with torch.no_grad():
         x = x.detach()
         codes, xhat = model.encode(x)
@@ -145,17 +163,26 @@ def make(cls, out_dir, name, d, K, M, L, h, db_scale, n=24, seed=0):
         config=np.array([d, K, M, L, h], np.int64),
         lowrank=np.array(cls is QINCoLR),
         db_scale=np.float32(db_scale),
+        **({"nlist": np.array(nlist, np.int64)} if nlist else {}),
     )
-    print(f"{name}: {cls.__name__} d={d} K={K} M={M} L={L} h={h}, codes[0]={codes[0].tolist()}")
+    print(f"{name}: {cls.__name__} d={d} K={K} M={M} L={L} h={h} nlist={nlist}, codes[0]={codes[0].tolist()}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    parser.add_argument("--only", help="write only this fixture (e.g. qinco_ivf_tiny)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    make(QINCo, args.out, "qinco_tiny", d=8, K=16, M=3, L=2, h=12, db_scale=2.75)
-    make(QINCoLR, args.out, "qinco_lr_tiny", d=8, K=16, M=4, L=1, h=6, db_scale=37.5, seed=1)
+    fixtures = {
+        "qinco_tiny": dict(cls=QINCo, d=8, K=16, M=3, L=2, h=12, db_scale=2.75),
+        "qinco_lr_tiny": dict(cls=QINCoLR, d=8, K=16, M=4, L=1, h=6, db_scale=37.5, seed=1),
+        # K_IVF > 256: the list ids need more than 8 bits
+        "qinco_ivf_tiny": dict(cls=IVFQINCo, d=8, K=16, M=2, L=1, h=8, db_scale=5.0, seed=2, nlist=300, n=64),
+    }
+    for name, kw in fixtures.items():
+        if args.only in (None, name):
+            make(out_dir=args.out, name=name, **kw)
 
 
 if __name__ == "__main__":

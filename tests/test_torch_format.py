@@ -28,8 +28,10 @@ DATA = Path(__file__).parent / "data"
 FIXTURES = [
     ("qinco_tiny", QincoConfig(d=8, K=16, M=3, L=2, h=12, lowrank=False), 2.75),
     ("qinco_lr_tiny", QincoConfig(d=8, K=16, M=4, L=1, h=6, lowrank=True), 37.5),
+    ("qinco_ivf_tiny", QincoConfig(d=8, K=16, M=2, L=1, h=8, nlist=300), 5.0),
 ]
 TINY = DATA / "qinco_tiny.pt"
+IVF = DATA / "qinco_ivf_tiny.pt"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +78,7 @@ def test_config_and_params(name, cfg, scale):
     ref = np.load(DATA / f"{name}_ref.npz")
     assert got_cfg == cfg
     assert list(ref["config"]) == [cfg.d, cfg.K, cfg.M, cfg.L, cfg.h] and bool(ref["lowrank"]) == cfg.lowrank
+    assert (int(ref["nlist"]) if "nlist" in ref else 0) == cfg.nlist
     assert got_scale == pytest.approx(float(ref["db_scale"])) and isinstance(got_scale, float)
     qcodec.check_params(got_cfg, params)
     for leaf in _leaves(params):
@@ -94,7 +97,7 @@ def _leaves(tree):
 def test_numpy_forward_matches_torch(name, cfg, scale):
     cfg, params, _ = load_pt(DATA / f"{name}.pt")
     ref = np.load(DATA / f"{name}_ref.npz")
-    codes, xhat = reference.encode(params, ref["x"], cfg.M, cfg.L, cfg.lowrank)
+    codes, xhat = reference.encode(params, ref["x"], cfg.M, cfg.L, cfg.lowrank, ivf=cfg.nlist > 0)
     np.testing.assert_array_equal(codes, ref["codes"])
     np.testing.assert_allclose(xhat, ref["encode_xhat"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(reference.decode(params, ref["codes"], cfg.L, cfg.lowrank), ref["recon"], rtol=0, atol=1e-5)
@@ -106,7 +109,9 @@ def test_flax_codec_matches_torch(name, cfg, scale):
     ref = np.load(DATA / f"{name}_ref.npz")
     c = qcodec.Codec(cfg, params, scale)
     x_raw = ref["x"] * np.float32(scale)
-    np.testing.assert_array_equal(qcodec.encode(c, x_raw).astype(np.int64), ref["codes"])
+    codes = qcodec.encode(c, x_raw)
+    assert codes.shape == ref["codes"].shape and codes.dtype == cfg.code_dtype
+    np.testing.assert_array_equal(codes.astype(np.int64), ref["codes"])
     recon = qcodec.decode(c, ref["codes"])
     np.testing.assert_allclose(recon / scale, ref["recon"], rtol=0, atol=1e-5)
 
@@ -208,11 +213,9 @@ def test_legacy_format_is_named(tmp_path):
         load_pt(path)
 
 
-@pytest.mark.parametrize("cls,message", [("IVFQINCo", "IVF-QINCo checkpoints are not supported"),
-                                         ("PQ_QINCo", "PQ-QINCo checkpoints are not supported")])
-def test_ivf_and_pq_are_not_supported(tmp_path, cls, message):
-    path = write_pt(tmp_path / "x.pt", b"\x80\x02cmodel_qinco\n" + cls.encode() + b"\n)\x81}b.")
-    with pytest.raises(CheckpointError, match=message):
+def test_pq_is_not_supported(tmp_path):
+    path = write_pt(tmp_path / "x.pt", b"\x80\x02cmodel_qinco\nPQ_QINCo\n)\x81}b.")
+    with pytest.raises(CheckpointError, match="PQ-QINCo checkpoints are not supported"):
         load_pt(path)
 
 
@@ -328,3 +331,37 @@ def test_not_a_qinco_module():
     top = read_objects(TINY)
     with pytest.raises(CheckpointError, match="not a QINCo"):
         convert(top.state["_modules"]["step1"])
+
+
+# ----------------------------------------------------------------------------------------------
+# IVF-QINCo files: K_IVF centroids in codebook0, then step0 .. step{M-1}
+
+
+def test_ivf_steps_are_renumbered_from_one():
+    top = read_objects(IVF)
+    assert top.name == "IVFQINCo" and int(top.state["K_IVF"]) == 300 and int(top.state["M"]) == 2
+    cfg, params, _ = convert(top)
+    mods = top.state["_modules"]
+    assert sorted(params) == ["codebook0", "step_1", "step_2"]
+    for m in (0, 1):
+        cb = mods[f"step{m}"].state["_modules"]["codebook"].state["_parameters"]["weight"]
+        np.testing.assert_array_equal(params[f"step_{m + 1}"]["codebook"], cb)
+    np.testing.assert_array_equal(params["codebook0"], mods["codebook0"].state["_parameters"]["weight"])
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda t: t.state.pop("K_IVF"), "no attribute 'K_IVF'"),
+        (lambda t: t.state.update(K_IVF=0), "K_IVF = 0"),
+        (lambda t: t.state.update(K_IVF=301), r"codebook0.weight has shape \(300, 8\), expected \(301, 8\)"),
+        (lambda t: t.state["_modules"].update(step2=t.state["_modules"].pop("step0")), r"IVFQINCo module has submodules .*'step2'.*expected .*'step0', 'step1'"),
+        (lambda t: t.state["_modules"].pop("step1"), "has 2 submodules"),
+    ],
+    ids=["no-K_IVF", "K_IVF-0", "K_IVF-mismatch", "plain-step-names", "missing-step"],
+)
+def test_ivf_structure_errors(edit, match):
+    top = read_objects(IVF)
+    edit(top)
+    with pytest.raises(CheckpointError, match=match):
+        convert(top)

@@ -299,6 +299,10 @@ class TrainCheckpoints:
     def latest(self) -> int | None:
         return self.mngr.latest_step()
 
+    def steps(self) -> list[int]:
+        """The epochs with a complete checkpoint."""
+        return list(self.mngr.all_steps())
+
     def restore(self, template, epoch: int | None = None):
         """(state shaped like template, meta) of the given or latest epoch."""
         ocp = self._ocp

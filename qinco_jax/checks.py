@@ -38,6 +38,35 @@ def finite_chunk(chunk: np.ndarray, offset: int, what: str = "x") -> None:
             )
 
 
+# Squared norms of the (scaled) vectors a model sees must stay this far below float32's maximum, so
+# that distances to codewords and reconstruction errors are finite too.
+MAX_SQ_NORM = float(np.finfo(np.float32).max) / 64
+
+
+def encodable_chunk(chunk: np.ndarray, offset: int, scale: float = 1.0, what: str = "x") -> None:
+    """Raise naming the first row (global index) that is NaN / inf or whose squared norm, divided by
+    scale**2, overflows float32 (such rows would get meaningless codes and an infinite error)."""
+    finite_chunk(chunk, offset, what)
+    sq = np.einsum("ij,ij->i", chunk, chunk, dtype=np.float64) / (float(scale) ** 2)
+    bad = np.flatnonzero(~(sq < MAX_SQ_NORM))
+    if bad.size:
+        i = int(bad[0])
+        raise QincoInputError(
+            f"{what} has {bad.size} row(s) too large to encode in float32: row {offset + i} has squared norm "
+            f"{sq[i]:.3g} (in the codec's scaled units; at most {MAX_SQ_NORM:.3g})"
+        )
+
+
+def codec(obj, types: tuple, what: str = "codec") -> None:
+    """TypeError unless obj is one of the codec types."""
+    if not isinstance(obj, types):
+        names = " or ".join(f"qinco_jax.{t.__name__}" for t in types)
+        raise TypeError(
+            f"{what} must be a {names} (from qinco_jax.load, qinco_jax.init_codec or training), "
+            f"got {type(obj).__module__}.{type(obj).__name__}"
+        )
+
+
 def finite(x: np.ndarray, what: str = "x", chunk: int = 65536) -> None:
     """Raise naming the first row with NaN or inf; reads x (a memmap is fine) chunk by chunk."""
     chunk = batch_size(chunk, "chunk")
@@ -45,6 +74,20 @@ def finite(x: np.ndarray, what: str = "x", chunk: int = 65536) -> None:
         return
     for i in range(0, x.shape[0], chunk):
         finite_chunk(np.asarray(x[i : i + chunk]), i, what)
+
+
+def trainable(x: np.ndarray, K: int, what: str = "training vectors", chunk: int = 65536) -> None:
+    """Raise unless x can train K-entry codebooks: at least K rows, and not all rows equal.
+
+    Reads chunks only until a row differs from the first (at once on real data)."""
+    if x.shape[0] < K:
+        raise QincoInputError(f"{what}: {x.shape[0]} vectors cannot train codebooks of K={K} entries; "
+                              f"give at least {K} (many more in practice)")
+    first = np.asarray(x[:1])
+    for i in range(0, x.shape[0], chunk):
+        if (np.asarray(x[i : i + chunk]) != first).any():
+            return
+    raise QincoInputError(f"{what}: all {x.shape[0]} vectors are equal (constant data); there is nothing to quantize")
 
 
 def codes(c, K: int, M: int, nlist: int = 0) -> np.ndarray:

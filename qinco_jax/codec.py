@@ -56,6 +56,9 @@ def _init(cfg: QincoConfig, key):
     return Qinco(cfg).init(key, jnp.zeros((1, cfg.d)), method=Qinco.encode)
 
 
+CODECS = (Codec,)  # what encode / decode accept
+
+
 def param_shapes(cfg: QincoConfig) -> dict:
     """The expected parameter tree as shapes (no computation)."""
     variables = jax.eval_shape(lambda: _init(cfg, jax.random.key(0)))
@@ -185,6 +188,7 @@ def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progres
 
     Returns (codes (n, cfg.num_codes) of cfg.code_dtype, err (n,) float64).
     """
+    checks.codec(codec, CODECS)
     cfg = codec.config
     x = checks.vectors(x, cfg.d)
     chunk = _encode_chunk(cfg, batch_size, x.shape[0])
@@ -197,7 +201,7 @@ def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progres
 
     def launch(start, stop):
         block = np.asarray(x[start:stop], dtype=np.float32)
-        checks.finite_chunk(block, start)
+        checks.encodable_chunk(block, start, codec.scale)
         return fn(params, _pad(block * inv, chunk))
 
     for start, (c, e) in _pipelined(n, chunk, launch, progress, "encode"):
@@ -236,6 +240,7 @@ def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool
     Returns:
       (n, d) float32.
     """
+    checks.codec(codec, CODECS)
     cfg = codec.config
     codes = checks.codes(codes, cfg.K, cfg.M, nlist=cfg.nlist)
     n, m = codes.shape
@@ -322,6 +327,7 @@ def init_codec(
 
     xt = checks.vectors(xt, cfg.d, "training vectors")
     checks.finite(xt, "training vectors")
+    checks.trainable(xt, cfg.K, "training vectors")
     if centroids is not None and not cfg.nlist:
         raise checks.QincoInputError("centroids are given but the config is not IVF (nlist = 0)")
     scale = data_scale(xt) if scale is None else float(scale)

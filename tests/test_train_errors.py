@@ -66,7 +66,71 @@ def test_resume_reads_the_saved_config(tmp_path):
     assert (cfg.train, cfg.M, cfg.K, cfg.epochs, cfg.resume, cfg.progress) == ("x.fvecs", 3, 16, 7, True, False)
     with pytest.raises(SystemExit) as e:
         train_main.config_from_args(["--workdir", str(tmp_path), "--resume", "--M", "8"])
-    assert "--M (8 vs saved 3)" in str(e.value.code)
+    assert "--M 3 there, 8 here" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
         train_main.config_from_args(["--workdir", str(tmp_path / "none"), "--resume"])
-    assert "cannot read" in str(e.value.code)
+    assert "holds no run to resume" in str(e.value.code)
+    assert not (tmp_path / "none").exists()
+    # a moved run resumes where it now is
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.json").write_text((tmp_path / "config.json").read_text())
+    cfg = train_main.config_from_args(["--workdir", str(moved), "--resume"])
+    assert cfg.workdir == str(moved)
+
+
+BAD_FLAGS = [
+    (["--M", "0"], "--M 0"), (["--K", "1000"], "power of two"), (["--K", "1"], "--K 1"), (["--L", "-1"], "--L -1"),
+    (["--h", "0"], "--h 0"), (["--batch-size", "0"], "--batch-size 0"), (["--epochs", "0"], "--epochs 0"),
+    (["--lr", "-1"], "--lr -1.0"), (["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"),
+    (["--lr", "0"], "--lr 0.0"), (["--nt", "0"], "--nt 0"), (["--nval", "-5"], "--nval -5"), (["--nb", "0"], "--nb 0"),
+    (["--seed", "-1"], "--seed -1"), (["--rq-beam-size", "0"], "--rq-beam-size 0"),
+    (["--num-processes", "2", "--process-id", "2"], "--process-id 2"), (["--db", "x.fvecs"], "only used with --train"),
+    (["--dataset", "sift1M", "--train", "x.fvecs"], "either --dataset or --train"),
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_fail_at_once_and_leave_nothing(tmp_path, flags, named):
+    with pytest.raises(SystemExit) as e:
+        train_main.config_from_args([*flags, "--workdir", str(tmp_path / "run")])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and named in msg and "\n" not in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_flag_in_a_real_process_imports_nothing_heavy(tmp_path):
+    """The checks run before jax is imported (so they answer in about a second) and write nothing."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from train import main\n"
+            "try:\n    main.main(sys.argv[1:])\nexcept SystemExit as e:\n    print(e.code)\n"
+            "print('jax' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code, "--batch-size", "0", "--workdir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=120)
+    out = p.stdout.splitlines()
+    assert out[0].startswith("error: --batch-size 0") and out[1] == "False", p.stdout + p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train_main.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    ap = train_main.parser()
+    for action in ap._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and "default" in action.help, action.option_strings
+    assert "(default: 8 on real data, 4 on the synthetic demo)" in out  # --M
+    assert "(default: 1000 on real data, 100 on the synthetic demo)" in out  # --epochs
+
+
+def test_same_command_on_a_different_run_is_refused(tmp_path):
+    saved = train_main.config_from_args(["--M", "3", "--workdir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(__import__("json").dumps(saved.to_dict()))
+    again = train_main.config_from_args(["--M", "3", "--workdir", str(tmp_path), "--no-progress"])
+    assert again.resume and again.M == 3  # the same command continues the run
+    with pytest.raises(SystemExit) as e:
+        train_main.config_from_args(["--M", "4", "--workdir", str(tmp_path)])
+    assert "already holds a different run" in str(e.value.code) and "--M 3 there, 4 here" in str(e.value.code)

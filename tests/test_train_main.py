@@ -58,9 +58,14 @@ def test_main_job_writes_its_outputs(tmp_path):
     best = min(r["val_mse"] for r in rows)
     assert summary["qinco_val_mse"] == pytest.approx(best, rel=1e-5)
     assert codec.config.M == 3
-    # an existing run is never overwritten silently
-    p2 = _train(tmp_path / "run", "--epochs", "3", check=False)
-    assert p2.returncode != 0 and "already holds a run" in p2.stderr
+    # the same command again shows the finished run's results and says how to train again
+    p2 = _train(tmp_path / "run", "--epochs", "3")
+    assert "holds a finished run (3 epochs)" in p2.stdout and "choose another --workdir" in p2.stdout
+    assert f"{best:.6g}" in p2.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    # a different command there is refused, and changes nothing
+    p3 = _train(tmp_path / "run", "--epochs", "3", "--M", "4", check=False)
+    assert p3.returncode != 0 and "already holds a different run" in p3.stderr
 
 
 def test_resume_after_sigkill_gives_the_same_result(tmp_path):

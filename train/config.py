@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-
-from qinco_jax.model import QincoConfig
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +43,63 @@ class TrainConfig:
     num_processes: int | None = None
     process_id: int | None = None
 
-    def model(self, d: int) -> QincoConfig:
+    def model(self, d: int):
+        from qinco_jax.model import QincoConfig
+
         return QincoConfig(d=d, K=self.K, M=self.M, L=self.L, h=self.h, lowrank=self.lowrank, nlist=self.ivf)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def problems(self) -> list[str]:
+        """Every flag whose value cannot work, as '--flag: why' (pure Python: runs before anything
+        is imported, loaded or written)."""
+        out = []
+
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                out.append(f"{flag(name)} {short_value(getattr(self, name))}: {why}")
+
+        def integer(name: str, low: int, high: int | None = None, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+            need(ok, name, f"must be an integer >= {low}" + (f" and <= {high:,}" if high is not None else ""))
+
+        integer("K", 2, 65536)
+        if isinstance(self.K, int) and 2 <= self.K <= 65536:
+            need(self.K & (self.K - 1) == 0, "K", "must be a power of two (the codebooks are trained as log2(K)-bit RQ)")
+        integer("M", 1, 1024)
+        integer("L", 0, 256)
+        integer("h", 1, 65536)
+        integer("ivf", 0)
+        for name in ("nt", "nval", "nb", "num_processes"):
+            integer(name, 1, optional=True)
+        integer("process_id", 0, optional=True)
+        if isinstance(self.num_processes, int) and isinstance(self.process_id, int):
+            need(self.process_id < self.num_processes, "process_id", f"must be below --num-processes {self.num_processes}")
+        integer("batch_size", 1)
+        integer("epochs", 1)
+        integer("seed", 0, 2**32 - 1)
+        integer("rq_beam_size", 1)
+        need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
+             and self.lr > 0, "lr", "must be a positive finite number")
+        need(isinstance(self.workdir, str) and self.workdir.strip() != "", "workdir", "must name a folder")
+        for name in ("db", "queries", "gt"):
+            need(getattr(self, name) is None or self.train is not None, name, "is only used with --train")
+        need(self.train is None or self.dataset == "synthetic", "dataset", "give either --dataset or --train, not both")
+        return out
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a TrainConfig field (batch_size -> --batch-size)."""
+    return "--" + name.replace("_", "-")
+
+
+def short_value(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # The built-in demo: synthetic 32-d data, sized to train in a few minutes on a 2-core laptop.

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import time
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 import qinco_jax as qj
-from qinco_jax import checks, data, faiss_ops, training
+from qinco_jax import checkpoint, checks, data, faiss_ops, training
 from qinco_jax.checkpoint import TrainCheckpoints
 from qinco_jax.files import write_json
 from qinco_jax.progress import Progress
@@ -19,6 +22,36 @@ from train.config import TrainConfig
 
 METRICS = "metrics.jsonl"
 CENTROIDS = "ivf_centroids.npy"  # an IVF run's centroids (raw units), as used to initialise it
+SUMMARY = "summary.json"
+PLOT = "training.png"
+BEST = checkpoint.BEST
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (the loss or a parameter became NaN or inf)."""
+
+
+class RunMeta(NamedTuple):
+    """What a run knows besides its arrays (saved as JSON beside every training checkpoint)."""
+
+    epoch: int  # last completed epoch (-1 before the first)
+    scale: float
+    best_val: float | None
+    best_epoch: int | None
+    val0: float  # validation MSE before optimisation
+    stopped: bool  # the learning rate fell below training.MIN_LR
+
+
+class LoopState(NamedTuple):
+    """The whole state of the training loop: model and Adam state, plateau schedule, run metadata."""
+
+    train: training.TrainState
+    plateau: Any  # optax reduce_on_plateau state
+    meta: RunMeta
+
+    def arrays(self) -> dict:
+        """The part saved by orbax."""
+        return {"train": self.train, "plateau": self.plateau}
 
 
 def init_distributed(cfg: TrainConfig) -> None:
@@ -46,8 +79,16 @@ def load_data(cfg: TrainConfig) -> data.Dataset:
     return data.load_dataset(cfg.dataset, cfg.data_dir, nt=cfg.nt, nval=cfg.nval, nb=cfg.nb)
 
 
+def _clean_leftovers(workdir: str) -> None:
+    """Temporary files and directories of writes that a kill interrupted (orbax cleans its own)."""
+    for entry in os.listdir(workdir):
+        if entry.endswith(".tmp"):
+            os.unlink(os.path.join(workdir, entry))
+    checkpoint.recover_save(os.path.join(workdir, BEST))
+
+
 def prepare_workdir(cfg: TrainConfig) -> str:
-    """Create the workdir; an existing run is an error unless resuming."""
+    """Create the workdir, or tidy an existing run's; an existing run is an error unless resuming."""
     workdir = os.path.abspath(cfg.workdir)
     has_run = os.path.exists(os.path.join(workdir, "config.json"))
     if has_run and not cfg.resume:
@@ -60,9 +101,19 @@ def prepare_workdir(cfg: TrainConfig) -> str:
         multihost_utils.sync_global_devices("qinco_jax workdir checked")
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
+        _clean_leftovers(workdir)
         if not has_run:
             write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     return workdir
+
+
+def _clear_attempt(workdir: str) -> None:
+    """Outputs of an attempt that never completed an epoch's checkpoint (they are redone)."""
+    if jax.process_index() == 0:
+        for name in (METRICS, SUMMARY, PLOT):
+            if os.path.exists(os.path.join(workdir, name)):
+                os.unlink(os.path.join(workdir, name))
+        shutil.rmtree(os.path.join(workdir, BEST), ignore_errors=True)
 
 
 def val_mse(codec: qj.Codec, xval) -> float:
@@ -110,7 +161,7 @@ def ivf_setup(cfg: TrainConfig, ds: data.Dataset) -> tuple[TrainConfig, np.ndarr
     return cfg, None
 
 
-def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir: str | None = None) -> tuple[dict, dict]:
+def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir: str | None = None) -> LoopState:
     """RQ-initialised codec (IVF: after the centroids) and the loop state before the first epoch."""
     mcfg = cfg.model(ds.d)
     if mcfg.nlist and centroids is None:
@@ -126,28 +177,32 @@ def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir
         f"data scale {codec.scale:.6g}; {mcfg.num_params():,} trainable parameters")
     val0 = val_mse(codec, ds.xval)
     log(f"before optimisation: val MSE {val0:.6g}")
-    state = {"train": training.init_state(codec.params, mcfg), "plateau": training.plateau().init(codec.params)}
-    meta = {"epoch": -1, "scale": codec.scale, "best_val": None, "best_epoch": None, "val0": val0, "stopped": False}
-    return state, meta
+    meta = RunMeta(epoch=-1, scale=codec.scale, best_val=None, best_epoch=None, val0=val0, stopped=False)
+    return LoopState(training.init_state(codec.params, mcfg), training.plateau().init(codec.params), meta)
 
 
-def resume(cfg: TrainConfig, ds: data.Dataset, ckpts: TrainCheckpoints, workdir: str, log) -> tuple[dict, dict]:
-    """The state of the last completed epoch; metrics past it are dropped (they will be redone)."""
+def restore(cfg: TrainConfig, ds: data.Dataset, ckpts: TrainCheckpoints, workdir: str, log) -> LoopState | None:
+    """The state of the last completed epoch that can be read (None when there is none); metrics
+    past it are dropped (they will be redone)."""
     mcfg = cfg.model(ds.d)
     params = jax.device_get(qj.codec.init_params(mcfg, jax.random.key(0)))
     template = {"train": training.init_state(params, mcfg), "plateau": training.plateau().init(params)}
-    state, meta = ckpts.restore(template)
-    state = {"train": training.TrainState(*state["train"]), "plateau": state["plateau"]}
-    log(f"resuming {workdir} after epoch {meta['epoch']}")
-    if jax.process_index() == 0:
-        path = os.path.join(workdir, METRICS)
-        if os.path.exists(path):
-            with open(path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= meta["epoch"]]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(path + ".tmp", path)
-    return state, meta
+    for epoch in sorted(ckpts.steps(), reverse=True):
+        try:
+            arrays, meta = ckpts.restore(template, epoch)
+            meta = RunMeta(**{k: meta[k] for k in RunMeta._fields})
+        except Exception as e:  # a damaged checkpoint: fall back to the one before
+            log(f"checkpoint of epoch {epoch} in {workdir} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                "trying an earlier one")
+            continue
+        if jax.process_index() == 0:
+            rows = read_metrics(workdir, log)
+            keep = [r for r in rows if r["epoch"] <= meta.epoch]
+            with open(os.path.join(workdir, METRICS + ".tmp"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(os.path.join(workdir, METRICS + ".tmp"), os.path.join(workdir, METRICS))
+        return LoopState(training.TrainState(*arrays["train"]), arrays["plateau"], meta)
+    return None
 
 
 def _global_batch(xt, idx: np.ndarray, batch: int, inv_scale: np.float32):
@@ -185,55 +240,97 @@ def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, l
     return float(np.mean(losses)), training.unreplicate(dev_state)
 
 
-def end_of_epoch(cfg, ds, state, meta, epoch, train_loss, lr, t0, workdir, ckpts, log) -> tuple[dict, dict]:
+def check_finite(epoch: int, loss: float, params) -> None:
+    """TrainingError when the epoch's loss or a parameter is NaN or inf (nothing of it is saved)."""
+    bad = None if math.isfinite(loss) else f"the training loss is {loss}"
+    if bad is None:
+        name = checkpoint.nonfinite_param(params)
+        bad = None if name is None else f"parameter {name} holds NaN or inf values"
+    if bad:
+        raise TrainingError(
+            f"epoch {epoch}: {bad}. Training diverged; nothing of this epoch was saved (the best codec and the "
+            "checkpoints are those of earlier epochs). Try a lower --lr."
+        )
+
+
+def end_of_epoch(cfg, ds, state: LoopState, epoch, train_loss, lr, t0, workdir, ckpts, log) -> LoopState:
     """Validate, step the plateau schedule, keep the best codec, log and checkpoint."""
     mcfg = cfg.model(ds.d)
-    codec = qj.Codec(mcfg, state["train"].params, meta["scale"])
+    meta = state.meta
+    codec = qj.Codec(mcfg, state.train.params, meta.scale)
     val = val_mse(codec, ds.xval)
-    _, pl = training.plateau().update({}, state["plateau"], value=np.float32(val))
-    state = {"train": state["train"], "plateau": jax.device_get(pl)}
-    best = meta["best_val"] is None or val <= meta["best_val"]
-    meta = dict(meta, epoch=epoch)
+    if not math.isfinite(val):
+        raise TrainingError(f"epoch {epoch}: the validation MSE is {val}. Training diverged; try a lower --lr.")
+    _, pl = training.plateau().update({}, state.plateau, value=np.float32(val))
+    pl = jax.device_get(pl)
+    best = meta.best_val is None or val <= meta.best_val
+    meta = meta._replace(epoch=epoch)
     if best:
-        meta.update(best_val=val, best_epoch=epoch)
+        meta = meta._replace(best_val=val, best_epoch=epoch)
     row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_mse": val, "seconds": time.time() - t0, "best": best}
     if jax.process_index() == 0:
         if best:
-            qj.save(codec, os.path.join(workdir, "best"), overwrite=True)
+            qj.save(codec, os.path.join(workdir, BEST), overwrite=True)
         with open(os.path.join(workdir, METRICS), "a") as f:
             f.write(json.dumps(row) + "\n")
-    next_lr = cfg.lr * float(state["plateau"].scale)
-    meta["stopped"] = next_lr < training.MIN_LR
-    ckpts.save(epoch, state, meta)
+    next_lr = cfg.lr * float(pl.scale)
+    meta = meta._replace(stopped=next_lr < training.MIN_LR)
+    state = LoopState(state.train, pl, meta)
+    ckpts.save(epoch, state.arrays(), meta._asdict())
     log(f"epoch {epoch:3d}  lr {lr:.1e}  train loss {train_loss:.6g}  val MSE {val:.6g}"
         f"{'  (best)' if best else ''}  {row['seconds']:.1f}s")
-    if next_lr < lr and not meta["stopped"]:
+    if next_lr < lr and not meta.stopped:
         log(f"val MSE did not improve for {training.PLATEAU_PATIENCE} epochs: lr -> {next_lr:.1e}")
-    return state, meta
+    return state
 
 
-def fit(cfg: TrainConfig, ds: data.Dataset, state, meta, workdir, ckpts, log) -> dict:
+def finished(cfg: TrainConfig, meta: RunMeta) -> bool:
+    return meta.stopped or meta.epoch >= cfg.epochs - 1
+
+
+def fit(cfg: TrainConfig, ds: data.Dataset, state: LoopState, workdir, ckpts, log) -> LoopState:
     """Epochs until --epochs or until the learning rate falls below the minimum."""
     mcfg = cfg.model(ds.d)
-    for epoch in range(meta["epoch"] + 1, cfg.epochs):
-        if meta["stopped"]:
+    for epoch in range(state.meta.epoch + 1, cfg.epochs):
+        if state.meta.stopped:
             break
-        lr = cfg.lr * float(state["plateau"].scale)
+        lr = cfg.lr * float(state.plateau.scale)
         t0 = time.time()
-        train_state = state["train"]
+        train_state = state.train
         if not cfg.persistent_adam:  # the original re-creates Adam at every epoch
             train_state = training.init_state(train_state.params, mcfg)
-        loss, train_state = train_epoch(cfg, mcfg, train_state, ds.xt, epoch, lr, meta["scale"])
-        state = {"train": train_state, "plateau": state["plateau"]}
-        state, meta = end_of_epoch(cfg, ds, state, meta, epoch, loss, lr, t0, workdir, ckpts, log)
-    if meta["stopped"]:
+        loss, train_state = train_epoch(cfg, mcfg, train_state, ds.xt, epoch, lr, state.meta.scale)
+        check_finite(epoch, loss, train_state.params)
+        state = end_of_epoch(cfg, ds, state._replace(train=train_state), epoch, loss, lr, t0, workdir, ckpts, log)
+    if state.meta.stopped:
         log(f"learning rate below {training.MIN_LR:g}: stopping")
-    return meta
+    return state
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, METRICS)) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+def read_metrics(workdir: str, log=print) -> list[dict]:
+    """The rows of metrics.jsonl. A torn last line (a write cut by a kill) is dropped with a note;
+    any other unreadable line is an error naming the file and line."""
+    path = os.path.join(workdir, METRICS)
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise ValueError("not a metrics row")
+        except ValueError as e:
+            if all(not rest.strip() for rest in lines[i + 1 :]):
+                log(f"note: dropped a torn last line of {path} (a write interrupted by a kill)")
+                break
+            raise checks.QincoInputError(f"{path}, line {i + 1}: not a metrics row ({str(e)[:100]}); "
+                                         "fix or delete that line") from None
+        rows.append(row)
+    return rows
 
 
 def plot_metrics(rows: list[dict], path: str, baselines: dict | None = None) -> bool:
@@ -258,37 +355,67 @@ def plot_metrics(rows: list[dict], path: str, baselines: dict | None = None) -> 
     for ax in (a, b):
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path + ".tmp", dpi=100, format="png")  # whole or not at all
     plt.close(fig)
+    os.replace(path + ".tmp", path)
     return True
 
 
-def summarize(cfg: TrainConfig, ds: data.Dataset, meta: dict, workdir: str, log) -> dict:
+def summary_table(res: dict, n_val: int, mcfg: qj.QincoConfig) -> list[str]:
+    """The end-of-run lines: validation MSE of (IVF-)QINCo and the faiss baselines, in aligned columns."""
+    name = "IVF-QINCo" if mcfg.nlist else "QINCo"
+    base = res.get("baseline", "faiss RQ")
+    rows = [(f"{name} (best epoch {res['best_epoch']})", res["qinco_val_mse"], "")]
+    for beam in (1, 5):
+        r = res[f"rq_beam{beam}_val_mse"]
+        if r > 0:
+            gain = 100 * (1 - res["qinco_val_mse"] / r)
+            note = f"{name} is {abs(gain):.1f}% {'lower' if gain >= 0 else 'higher'}"
+        else:
+            note = "the baseline reconstructs the validation set exactly"
+        rows.append((f"{base}, beam {beam}", r, note))
+    w = max(len(n) for n, _, _ in rows)
+    nbytes = mcfg.M * np.log2(mcfg.K) / 8
+    extra = f", plus a list id of {mcfg.nlist}" if mcfg.nlist else ""
+    lines = [f"validation MSE on {n_val} vectors, {nbytes:g} bytes per vector (M={mcfg.M}, K={mcfg.K}{extra}):"]
+    lines += [f"  {n:<{w}}  {value:>12.6g}" + (f"   ({note})" if note else "") for n, value, note in rows]
+    return lines
+
+
+def summarize(cfg: TrainConfig, ds: data.Dataset, state: LoopState, workdir: str, log) -> dict:
     """Best model's validation MSE beside faiss RQ of the same size; summary.json and the plot."""
     mcfg = cfg.model(ds.d)
     best = qj.load(workdir)
-    res = {"qinco_val_mse": val_mse(best, ds.xval), "best_epoch": meta["best_epoch"], "before_training": meta["val0"]}
+    res = {"qinco_val_mse": val_mse(best, ds.xval), "best_epoch": state.meta.best_epoch,
+           "before_training": state.meta.val0}
     ivf = best if mcfg.nlist else None
     base = f"faiss IVF{mcfg.nlist}-RQ" if ivf else "faiss RQ"  # IVF: same centroids, RQ of the residuals
     res["baseline"] = base
     for beam in (1, 5):
         res[f"rq_beam{beam}_val_mse"] = rq_val_mse(ds.xt, ds.xval, mcfg.M, mcfg.K, beam, ivf)
     if jax.process_index() == 0:
-        write_json(os.path.join(workdir, "summary.json"), res)
         rq = {f"{base}, beam {b}": res[f"rq_beam{b}_val_mse"] for b in (1, 5)}
-        if plot_metrics(read_metrics(workdir), os.path.join(workdir, "training.png"), rq):
-            log(f"plot: {os.path.join(workdir, 'training.png')}")
-    nbytes = mcfg.M * np.log2(mcfg.K) / 8
-    extra = f", plus a list id of {mcfg.nlist}" if mcfg.nlist else ""
-    name = "IVF-QINCo" if mcfg.nlist else "QINCo"
-    log(f"\nvalidation MSE on {ds.xval.shape[0]} vectors, {nbytes:g} bytes per vector (M={mcfg.M}, K={mcfg.K}{extra}):")
-    log(f"  {name} (best epoch {meta['best_epoch']})  {res['qinco_val_mse']:.6g}")
-    for beam in (1, 5):
-        r = res[f"rq_beam{beam}_val_mse"]
-        gain = 100 * (1 - res["qinco_val_mse"] / r)
-        log(f"  {base}, beam {beam}{' ' * max(1, 20 - len(base))}{r:.6g}   "
-            f"({name} is {abs(gain):.1f}% {'lower' if gain >= 0 else 'higher'})")
-    log(f"best codec: {os.path.join(workdir, 'best')}  (qinco_jax.load('{workdir}'))")
+        if plot_metrics(read_metrics(workdir, log), os.path.join(workdir, PLOT), rq):
+            log(f"plot: {os.path.join(workdir, PLOT)}")
+        write_json(os.path.join(workdir, SUMMARY), res)  # last: its presence marks a finished run
+    log("")
+    for line in summary_table(res, ds.xval.shape[0], mcfg):
+        log(line)
+    log(f"best codec: {os.path.join(workdir, BEST)}  (qinco_jax.load('{workdir}'))")
+    return res
+
+
+def show_finished(cfg: TrainConfig, ds: data.Dataset, state: LoopState, workdir: str, log) -> dict:
+    """A finished run asked to run again: its results, and how to train again."""
+    with open(os.path.join(workdir, SUMMARY)) as f:
+        res = json.load(f)
+    mcfg = cfg.model(ds.d)
+    log(f"{workdir} holds a finished run ({state.meta.epoch + 1} epochs); nothing to do. Its results:")
+    for line in summary_table(res, ds.xval.shape[0], mcfg):
+        log(line)
+    log(f"best codec: {os.path.join(workdir, BEST)}  (qinco_jax.load('{workdir}'))")
+    more = "" if state.meta.stopped else f"; to train it for longer: --workdir {cfg.workdir} --resume --epochs N"
+    log(f"To train again, choose another --workdir (or delete {workdir}){more}.")
     return res
 
 
@@ -300,19 +427,28 @@ def run(cfg: TrainConfig, log=print) -> dict:
     ds = load_data(cfg)
     checks.finite(ds.xt, "training vectors")
     checks.finite(ds.xval, "validation vectors")
+    checks.trainable(ds.xt, cfg.K, "training vectors")
     centroids = None
-    if not cfg.resume:  # a resumed run's centroids are in its checkpoint (and its config holds nlist)
+    if not os.path.exists(os.path.join(cfg.workdir, "config.json")):  # a run's centroids are in its checkpoint
         cfg, centroids = ivf_setup(cfg, ds)
     workdir = prepare_workdir(cfg)
     log(f"{jax.device_count()} device(s) over {jax.process_count()} process(es); "
         f"train {ds.xt.shape}, validation {ds.xval.shape}; workdir {workdir}")
     ckpts = TrainCheckpoints(os.path.join(workdir, "checkpoints"))
     try:
-        if cfg.resume:
-            state, meta = resume(cfg, ds, ckpts, workdir, log)
+        state = restore(cfg, ds, ckpts, workdir, log) if cfg.resume else None
+        if state is None:
+            if cfg.resume:
+                log(f"{workdir} holds no completed epoch yet: starting the run from the beginning")
+            _clear_attempt(workdir)
+            if cfg.resume:  # a restart: the centroids as a new run would get them
+                cfg, centroids = ivf_setup(cfg, ds)
+            state = fresh_start(cfg, ds, log, centroids, workdir)
+        elif finished(cfg, state.meta) and os.path.exists(os.path.join(workdir, SUMMARY)):
+            return show_finished(cfg, ds, state, workdir, log)
         else:
-            state, meta = fresh_start(cfg, ds, log, centroids, workdir)
-        meta = fit(cfg, ds, state, meta, workdir, ckpts, log)
+            log(f"resuming {workdir} after epoch {state.meta.epoch}")
+        state = fit(cfg, ds, state, workdir, ckpts, log)
     finally:
         ckpts.close()
-    return summarize(cfg, ds, meta, workdir, log)
+    return summarize(cfg, ds, state, workdir, log)

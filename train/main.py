@@ -5,6 +5,10 @@
     python train/main.py --train my_vectors.fvecs --M 8 --workdir runs/mine
     python train/main.py --workdir runs/bigann --resume    # continue a killed run
     python train/main.py --train my_vectors.fvecs --ivf 4096 --M 8 --workdir runs/ivf   # IVF-QINCo
+
+Defaults are given as "real data" / "synthetic demo" where they differ (the demo is a small model
+that trains in minutes). Running the same command again in the same --workdir continues an
+unfinished run, or shows the results of a finished one; a different command there is refused.
 """
 
 from __future__ import annotations
@@ -18,81 +22,139 @@ import sys
 if __package__ in (None, ""):  # `python train/main.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.config import DEMO, TrainConfig  # noqa: E402
+from train.config import DEMO, TrainConfig, flag  # noqa: E402
+
+_REAL = TrainConfig()
+
+
+def _default(name: str, real: str | None = None, demo: str | None = None) -> str:
+    """'(default: X)' or '(default: X on real data, Y on the synthetic demo)'."""
+    real = real if real is not None else str(getattr(_REAL, name))
+    demo = demo if demo is not None else str(DEMO.get(name, getattr(_REAL, name)))
+    return f"(default: {real})" if real == demo else f"(default: {real} on real data, {demo} on the synthetic demo)"
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("data")
-    g.add_argument("--dataset", help="synthetic (default), bigann1M, deep1M, fb_ssnpp, contriever1M, sift1M")
-    g.add_argument("--data-dir", help="dataset root (else $QINCO_DATA_DIR, else ./data)")
-    g.add_argument("--train", help="your own training vectors (.fvecs .bvecs .fbin .u8bin .npy ...)")
-    g.add_argument("--db", help="database vectors (optional, with --train)")
-    g.add_argument("--queries", help="query vectors (optional, with --train)")
-    g.add_argument("--gt", help="ground-truth neighbour ids (optional, with --train)")
-    for name, help_ in (("nt", "training vectors"), ("nval", "validation vectors (the last of the training data)"),
-                        ("nb", "database vectors")):
-        g.add_argument(f"--{name}", type=int, help=help_)
+    g.add_argument("--dataset", help="synthetic, bigann1M, deep1M, fb_ssnpp, contriever1M, sift1M (default: synthetic)")
+    g.add_argument("--data-dir", help="dataset root (default: $QINCO_DATA_DIR, else ./data)")
+    g.add_argument("--train", help="your own training vectors (.fvecs .bvecs .fbin .u8bin .npy ...) (default: none)")
+    g.add_argument("--db", help="database vectors, with --train (default: none)")
+    g.add_argument("--queries", help="query vectors, with --train (default: none)")
+    g.add_argument("--gt", help="ground-truth neighbour ids, with --train (default: none)")
+    g.add_argument("--nt", type=int, help="training vectors (default: all but the validation set on real data, "
+                                          "20,000 on the synthetic demo)")
+    g.add_argument("--nval", type=int, help="validation vectors, the last of the training data (default: 10,000; "
+                                            "5,000 for sift1M; 2,000 on the synthetic demo)")
+    g.add_argument("--nb", type=int, help="database vectors (default: the dataset's, e.g. 1M; 20,000 on the demo)")
     g = ap.add_argument_group("model")
-    for name in ("K", "M", "L", "h"):
-        g.add_argument(f"--{name}", type=int)
-    g.add_argument("--lowrank", action="store_true", default=None, help="QINCo-LR concat block")
+    g.add_argument("--K", type=int, help="codebook size per step, a power of two " + _default("K"))
+    g.add_argument("--M", type=int, help="quantization steps (codes per vector) " + _default("M"))
+    g.add_argument("--L", type=int, help="residual blocks per step " + _default("L"))
+    g.add_argument("--h", type=int, help="hidden width of the residual blocks " + _default("h"))
+    g.add_argument("--lowrank", action="store_true", default=None, help="QINCo-LR concat block (default: off)")
     g.add_argument("--ivf", type=int, metavar="NLIST",
-                   help="IVF-QINCo: step 0 is a frozen table of NLIST faiss k-means centroids of the training set")
+                   help="IVF-QINCo: step 0 is a frozen table of NLIST faiss k-means centroids of the training set "
+                        "(default: 0, plain QINCo)")
     g.add_argument("--ivf-centroids", metavar="FILE.npy",
-                   help="IVF-QINCo with these centroids ((nlist, d), raw units) instead of k-means")
+                   help="IVF-QINCo with these centroids ((nlist, d), raw units) instead of k-means (default: none)")
     g = ap.add_argument_group("recipe")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--batch-size", type=int, help="global batch (default 1024)")
-    g.add_argument("--epochs", type=int, help="maximum number of epochs")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--rq-beam-size", type=int, help="beam of the RQ that initialises the codebooks (default 1)")
+    g.add_argument("--lr", type=float, help="Adam learning rate " + _default("lr"))
+    g.add_argument("--batch-size", type=int, help="global batch, a multiple of the device count " + _default("batch_size"))
+    g.add_argument("--epochs", type=int, help="maximum number of epochs " + _default("epochs"))
+    g.add_argument("--seed", type=int, help="seed of the initialisation and the batch order " + _default("seed"))
+    g.add_argument("--rq-beam-size", type=int, help="beam of the RQ that initialises the codebooks " + _default("rq_beam_size"))
     g.add_argument("--persistent-adam", action="store_true", default=None,
-                   help="keep Adam's moments across epochs (the original resets them every epoch)")
+                   help="keep Adam's moments across epochs (default: off; the original resets them every epoch)")
     g = ap.add_argument_group("run")
-    g.add_argument("--workdir")
-    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --workdir")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    g.add_argument("--workdir", help="run folder " + _default("workdir"))
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --workdir with its saved settings (only --epochs and where it runs "
+                        "may change) (default: off)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (default: shown)")
     g = ap.add_argument_group("multi-host")
-    g.add_argument("--distributed", action="store_true", default=None, help="call jax.distributed.initialize()")
-    g.add_argument("--coordinator-address", help="host:port of process 0 (auto-detected on SLURM / TPU pods)")
-    g.add_argument("--num-processes", type=int)
-    g.add_argument("--process-id", type=int)
+    g.add_argument("--distributed", action="store_true", default=None,
+                   help="call jax.distributed.initialize() (default: off)")
+    g.add_argument("--coordinator-address", help="host:port of process 0 (default: auto-detected on SLURM / TPU pods)")
+    g.add_argument("--num-processes", type=int, help="number of processes (default: auto-detected)")
+    g.add_argument("--process-id", type=int, help="this process's index (default: auto-detected)")
     return ap
 
 
 # what may change when a run is resumed (where it runs and for how long, not what it trains)
 RESUMABLE = {"resume", "progress", "epochs", "data_dir", "distributed", "coordinator_address", "num_processes",
-             "process_id"}
+             "process_id", "workdir"}
 
 
-def resumed_config(args: dict) -> TrainConfig:
-    """The saved run's settings, with only the flags that may change on resume applied."""
-    workdir = args.get("workdir", DEMO["workdir"])
+def fail(msg: str):
+    sys.exit(f"error: {msg}")
+
+
+def saved_config(workdir: str) -> dict | None:
+    """The settings saved in workdir/config.json; None when the folder holds no run."""
     path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
     try:
         with open(path) as f:
             saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        sys.exit(f"error: --resume: cannot read {path} ({e}); is {workdir} a training run?")
-    clash = sorted(k for k, v in args.items() if k not in RESUMABLE | {"workdir"} and saved.get(k) != v)
-    if clash:
-        sys.exit(f"error: --resume continues the run saved in {path}; these flags differ from it: "
-                 + ", ".join(f"--{k.replace('_', '-')} ({args[k]!r} vs saved {saved.get(k)!r})" for k in clash))
-    return TrainConfig(**{**saved, **{k: v for k, v in args.items() if k in RESUMABLE}})
+    except (OSError, ValueError, RecursionError) as e:
+        fail(f"cannot read {path} ({e}); move or delete {workdir} to start a new run there")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or set(saved) - fields:
+        fail(f"{path} is not a training run's config (unknown fields {sorted(set(saved) - fields)[:3]}); "
+             f"move or delete {workdir} to start a new run there")
+    return saved
+
+
+def _differences(saved: dict, cfg: dict) -> list[str]:
+    def same(k) -> bool:
+        if k == "ivf" and cfg[k] == 0 and cfg.get("ivf_centroids") and saved.get("ivf_centroids") == cfg["ivf_centroids"]:
+            return True  # nlist was set from the centroid file when the run started
+        return saved.get(k) == cfg[k]
+
+    return [f"{flag(k)} {saved.get(k)!r} there, {cfg[k]!r} here" for k in sorted(cfg) if k not in RESUMABLE and not same(k)]
+
+
+def checked(cfg: TrainConfig) -> TrainConfig:
+    problems = cfg.problems()
+    if problems:
+        fail("; ".join(problems))
+    return cfg
 
 
 def config_from_args(argv=None) -> TrainConfig:
     """Flags override the demo defaults (synthetic data) or, with a real dataset, the original's.
 
     With --resume, the run's saved config.json is the base and only RESUMABLE flags may change.
+    Without it, a --workdir that already holds a run continues it when the settings are the same
+    (the same command run again), and is refused when they differ. Every check here runs before
+    anything is imported, loaded or written.
     """
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     args = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None and k in fields}
-    if args.get("resume"):
-        return resumed_config(args)
     real_data = args.get("train") or args.get("dataset", "synthetic") != "synthetic"
-    return TrainConfig(**{**({} if real_data else DEMO), **args})
+    workdir = args.get("workdir", _REAL.workdir if real_data and not args.get("resume") else DEMO["workdir"])
+    saved = saved_config(workdir)
+    if args.get("resume"):
+        if saved is None:
+            fail(f"--resume: {os.path.abspath(workdir)} holds no run to resume (no config.json); "
+                 "start one without --resume")
+        clash = [d for d in _differences(saved, {**saved, **args}) if d]
+        if clash:
+            fail(f"--resume continues the run saved in {os.path.join(workdir, 'config.json')} with its own "
+                 "settings; these flags differ from it: " + ", ".join(clash))
+        return checked(TrainConfig(**{**saved, **{k: v for k, v in args.items() if k in RESUMABLE}, "workdir": workdir}))
+    cfg = checked(TrainConfig(**{**({} if real_data else DEMO), **args}))
+    if saved is None:
+        return cfg
+    clash = _differences(saved, cfg.to_dict())
+    if clash:
+        fail(f"{os.path.abspath(workdir)} already holds a different run ({'; '.join(clash)}). "
+             f"Continue that run with --workdir {workdir} --resume, or choose another --workdir.")
+    return dataclasses.replace(cfg, resume=True)
 
 
 def main(argv=None) -> None:
@@ -102,8 +164,8 @@ def main(argv=None) -> None:
 
     try:
         loop.run(cfg)
-    except (QincoInputError, FileExistsError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (QincoInputError, FileExistsError, FileNotFoundError, ValueError, loop.TrainingError) as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":

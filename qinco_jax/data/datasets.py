@@ -107,7 +107,7 @@ def _locate(root: Path, name: str, role: str, required: bool = True) -> tuple[Pa
             return root / f.rel, f.skip
     looked = "\n  ".join(str(root / f.rel) for f in getattr(spec, role))
     msg = (f"{name}: no {role} file found. Looked for:\n  {looked}\n"
-           f"Data folder: {root} (argument data_dir, else $QINCO_DATA_DIR, else ./data). "
+           f"Data folder: {root} (--data-dir or the data_dir argument, else $QINCO_DATA_DIR, else ./data). "
            "The data comes from:\n  " + "\n  ".join(spec.source))
     if required:
         raise QincoInputError(msg)
@@ -175,7 +175,7 @@ def load_dataset(
     """A paper dataset from its QINCo, texmex or big-ann-benchmarks files; nb < 1M drops the 1M ground truth."""
     key = _ALIASES.get(str(name).lower())
     if key is None:
-        raise QincoInputError(f"unknown dataset {name!r}; known: {', '.join(_SETS)} (or use load_files)")
+        raise QincoInputError(f"unknown dataset {name!r}; known: {', '.join(_SETS)} (or your own files: --train, or load_files)")
     spec, root = _SETS[key], Path(data_dir or os.environ.get("QINCO_DATA_DIR") or "data").absolute()
     (pt, skip), (pb, _), (pq, _) = (_locate(root, key, role) for role in ("train", "db", "queries"))
     src = f"{pt} (after the {skip:,} database rows)" if skip else str(pt)

@@ -15,7 +15,7 @@ _VECS = {".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtyp
 _BIN = {".fbin": np.dtype("<f4"), ".u8bin": np.dtype("u1"), ".i8bin": np.dtype("i1"), ".ibin": np.dtype("<i4")}
 FORMATS = (*_VECS, *_BIN, ".npy")
 _WRITE_CHUNK = 65536
-_DIM_SAMPLE = 1024
+_HEADER_CHUNK = 1 << 20  # rows whose headers are checked per read
 
 
 
@@ -58,11 +58,12 @@ def _read_vecs(path: Path, dtype: np.dtype, mmap: bool) -> np.ndarray:
         raise _bad_size(path, n * row, size, f"{n:,} rows of d={d} ({row} bytes each)")
     n = size // row
     raw = np.memmap(path, dtype=np.uint8, mode="r", shape=(n, row))
-    idx = np.unique(np.linspace(0, n - 1, min(n, _DIM_SAMPLE)).astype(np.int64))
-    dims = np.ascontiguousarray(raw[idx, :4]).view("<i4").ravel()
-    if (dims != d).any():
-        i = int(idx[np.flatnonzero(dims != d)[0]])
-        raise QincoInputError(f"{path}: row {i} declares dimension {int(dims[dims != d][0])}, row 0 declares {d}")
+    for start in range(0, n, _HEADER_CHUNK):  # every row's header, a chunk at a time
+        dims = np.ascontiguousarray(raw[start : start + _HEADER_CHUNK, :4]).view("<i4").ravel()
+        bad = np.flatnonzero(dims != d)
+        if bad.size:
+            i = int(bad[0])
+            raise QincoInputError(f"{path}: row {start + i} declares dimension {int(dims[i])}, row 0 declares {d}")
     if dtype.itemsize == 1:
         x = raw[:, 4:]
     else:

@@ -170,5 +170,5 @@ def check_batch(global_batch: int, n_devices: int) -> None:
     if global_batch % n_devices:
         raise ValueError(
             f"the global batch size {global_batch} does not split evenly over {n_devices} devices; "
-            f"use a batch size that is a multiple of {n_devices}"
+            f"use a --batch-size that is a multiple of {n_devices}"
         )

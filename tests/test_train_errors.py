@@ -134,3 +134,17 @@ def test_same_command_on_a_different_run_is_refused(tmp_path):
     with pytest.raises(SystemExit) as e:
         train_main.config_from_args(["--M", "4", "--workdir", str(tmp_path)])
     assert "already holds a different run" in str(e.value.code) and "--M 3 there, 4 here" in str(e.value.code)
+
+
+def test_same_ivf_command_again_continues(tmp_path):
+    """A run started with --ivf-centroids saved nlist from the file; the same command is still the same run."""
+    import dataclasses
+    import json
+
+    first = train_main.config_from_args(["--ivf-centroids", "c.npy", "--workdir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.replace(first, ivf=4).to_dict()))
+    again = train_main.config_from_args(["--ivf-centroids", "c.npy", "--workdir", str(tmp_path)])
+    assert again.resume and again.ivf == 4 and again.ivf_centroids == "c.npy"
+    with pytest.raises(SystemExit) as e:
+        train_main.config_from_args(["--ivf-centroids", "other.npy", "--workdir", str(tmp_path)])
+    assert "--ivf-centroids 'c.npy' there, 'other.npy' here" in str(e.value.code)

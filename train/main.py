@@ -154,7 +154,9 @@ def config_from_args(argv=None) -> TrainConfig:
     if clash:
         fail(f"{os.path.abspath(workdir)} already holds a different run ({'; '.join(clash)}). "
              f"Continue that run with --workdir {workdir} --resume, or choose another --workdir.")
-    return dataclasses.replace(cfg, resume=True)
+    # the same run: continue it with its saved settings (e.g. nlist that was read from a centroid file)
+    resumable = {k: v for k, v in args.items() if k in RESUMABLE}
+    return checked(TrainConfig(**{**saved, **resumable, "workdir": workdir, "resume": True}))
 
 
 def main(argv=None) -> None:

@@ -40,6 +40,14 @@ class Codec:
         object.__setattr__(self, "scale", s)
         check_params(self.config, self.params)
 
+    def __repr__(self) -> str:
+        """One line: the architecture and the scale, not the parameter arrays."""
+        c = self.config
+        lr = ", lowrank" if c.lowrank else ""
+        ivf = f", nlist={c.nlist}" if c.nlist else ""
+        return (f"Codec(d={c.d}, K={c.K}, M={c.M}, L={c.L}, h={c.h}{lr}{ivf}, scale={self.scale:.6g}, "
+                f"{c.num_params():,} parameters)")
+
     @property
     def ivf_centroids(self) -> np.ndarray | None:
         """(nlist, d) float32 IVF centroids in raw units; None for a plain QINCo codec."""

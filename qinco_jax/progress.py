@@ -1,4 +1,8 @@
-"""A dependency-free progress bar for long loops (stderr, one line, rate and ETA)."""
+"""A dependency-free progress bar for long loops (stderr, one line, rate and ETA).
+
+A bar is drawn only on a terminal: when stdout or the bar's stream is redirected (a log file, a
+pipe, a batch job), it stays silent, so logs hold no carriage-return lines.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,15 @@ import time
 
 
 class Progress:
-    """Context manager: `with Progress(total, desc) as bar: bar.update(n, loss=...)`."""
+    """Context manager: `with Progress(total, desc) as bar: bar.update(n, loss=...)`.
 
-    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None, min_interval: float = 0.2):
-        self.total, self.desc, self.enabled = int(total), desc, enabled
+    enabled=True draws only when stdout and the stream are terminals; enabled="always" draws anyway.
+    """
+
+    def __init__(self, total: int, desc: str = "", enabled: bool | str = True, stream=None, min_interval: float = 0.2):
+        self.total, self.desc = int(total), desc
         self.stream = stream or sys.stderr
+        self.enabled = enabled == "always" or (bool(enabled) and _is_tty(sys.stdout) and _is_tty(self.stream))
         self.min_interval = min_interval
         self.done, self.info = 0, ""
         self.t0 = self.last = time.perf_counter()
@@ -45,4 +53,11 @@ class Progress:
             self._draw(time.perf_counter())
             self.stream.write("\n")
             self.stream.flush()
+        return False
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False

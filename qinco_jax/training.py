@@ -56,12 +56,41 @@ def frozen_first(inner: optax.GradientTransformation) -> optax.GradientTransform
     return optax.GradientTransformation(init, update)
 
 
-def plateau() -> optax.GradientTransformationExtraArgs:
-    """LR /10 after 10 validations without a new best, as the original's scheduler.
+class PlateauState(NamedTuple):
+    """The original scheduler's state: lr multiplier, best validation value, and two epoch counters."""
 
-    cooldown=1 reproduces its rule that the epoch of a reduction does not count towards the next one.
+    scale: np.ndarray  # learning-rate multiplier (1, 0.1, 0.01, ...)
+    best: np.ndarray  # lowest validation value so far (float64)
+    since_best: np.ndarray  # values seen after the last one equal to the best
+    since_update: np.ndarray  # values seen since the last reduction (or the start)
+
+
+class Plateau:
+    """The original's LR-on-plateau rule (spec v1 section 2.5), host-side.
+
+    After each validation value: divide the lr by 10 when more than 10 values were seen since the
+    last reduction and none of the last 10 equals the best so far (ties count as reaching it again:
+    on [10, 9, 9, 9, ...] the lr never falls). Same interface as an optax transformation
+    (init(params), update(updates, state, value=...)), with numpy state that orbax saves.
     """
-    return optax.contrib.reduce_on_plateau(factor=0.1, patience=PLATEAU_PATIENCE, rtol=0.0, atol=1e-12, cooldown=1)
+
+    def init(self, params=None) -> PlateauState:
+        return PlateauState(np.array(1.0, np.float32), np.array(np.inf), np.array(0), np.array(0))
+
+    def update(self, updates, state: PlateauState, params=None, *, value) -> tuple:
+        v = float(value)
+        best, since_best = float(state.best), int(state.since_best) + 1
+        if v <= best:
+            best, since_best = v, 0
+        scale, since_update = float(state.scale), int(state.since_update) + 1
+        if since_update > PLATEAU_PATIENCE and since_best >= PLATEAU_PATIENCE:
+            scale, since_update = scale * 0.1, 0
+        return updates, PlateauState(np.array(scale, np.float32), np.array(best), np.array(since_best), np.array(since_update))
+
+
+def plateau() -> Plateau:
+    """LR /10 after 10 validations without reaching the best again, exactly as the original's scheduler."""
+    return Plateau()
 
 
 def _slice(cfg: QincoConfig, b: int) -> int:

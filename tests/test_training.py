@@ -80,14 +80,42 @@ def _original_scheduler(vals, lr0):
     return lrs
 
 
-def test_plateau_reproduces_the_original_scheduler():
-    rng = np.random.default_rng(0)
-    vals = list(np.r_[np.linspace(10, 5, 20), 5 + rng.uniform(0.01, 1, 40), [4.0], 4 + rng.uniform(0.01, 1, 30)])
+def _ours(vals, lr0):
     tx = training.plateau()
-    state = tx.init({})
-    lrs = []
+    state, lrs = tx.init({}), []
     for v in vals:
-        _, state = tx.update({}, state, value=np.float32(v))
-        lrs.append(1e-3 * float(state.scale))
-    np.testing.assert_allclose(lrs, _original_scheduler(vals, 1e-3), rtol=1e-5)
-    assert len(set(np.round(np.log10(lrs)).astype(int))) >= 4  # several reductions were exercised
+        _, state = tx.update({}, state, value=v)
+        lrs.append(lr0 * float(state.scale))
+    return lrs
+
+
+def _sequences():
+    rng = np.random.default_rng(0)
+    yield [10.0] + [9.0] * 60  # ties with the best: the original never reduces
+    yield [10.0, 9.0, 9.0, 9.5] * 15
+    yield list(np.r_[np.linspace(10, 5, 20), 5 + rng.uniform(0.01, 1, 40), [4.0], 4 + rng.uniform(0.01, 1, 30)])
+    for _ in range(200):
+        n = int(rng.integers(1, 120))
+        kind = rng.integers(3)
+        if kind == 0:  # few distinct values: many ties, with the best and with each other
+            yield list(rng.integers(0, 4, n).astype(float))
+        elif kind == 1:  # a slowly decreasing trend with noise
+            yield list(np.linspace(10, 1, n) + rng.normal(0, 1.5, n))
+        else:  # a decrease then a noisy plateau that sometimes touches its minimum again
+            base = np.maximum(np.linspace(10, 0, n), 3.0)
+            yield list(np.round(base + rng.uniform(0, 2, n), 1))
+
+
+def test_plateau_reproduces_the_original_scheduler():
+    reductions = 0
+    for vals in _sequences():
+        want = _original_scheduler(vals, 1e-3)
+        np.testing.assert_allclose(_ours(vals, 1e-3), want, rtol=1e-5, err_msg=str(vals))
+        reductions += len(set(np.round(np.log10(want)).astype(int))) - 1
+    assert reductions > 100  # the rule did fire, many times
+
+
+def test_plateau_ties_never_reduce():
+    assert set(_ours([10.0] + [9.0] * 100, 1e-3)) == {1e-3}
+    lrs = _ours([10.0] + [9.0] + [9.5] * 30, 1e-3)
+    assert lrs[10] == 1e-3 and lrs[11] == pytest.approx(1e-4)  # 10 values above the best, then the cut

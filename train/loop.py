@@ -46,7 +46,7 @@ class LoopState(NamedTuple):
     """The whole state of the training loop: model and Adam state, plateau schedule, run metadata."""
 
     train: training.TrainState
-    plateau: Any  # optax reduce_on_plateau state
+    plateau: Any  # training.PlateauState
     meta: RunMeta
 
     def arrays(self) -> dict:
@@ -261,7 +261,7 @@ def end_of_epoch(cfg, ds, state: LoopState, epoch, train_loss, lr, t0, workdir, 
     val = val_mse(codec, ds.xval)
     if not math.isfinite(val):
         raise TrainingError(f"epoch {epoch}: the validation MSE is {val}. Training diverged; try a lower --lr.")
-    _, pl = training.plateau().update({}, state.plateau, value=np.float32(val))
+    _, pl = training.plateau().update({}, state.plateau, value=val)
     pl = jax.device_get(pl)
     best = meta.best_val is None or val <= meta.best_val
     meta = meta._replace(epoch=epoch)

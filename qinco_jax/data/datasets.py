@@ -23,8 +23,8 @@ class Dataset:
     # Arrays keep their file dtype (uint8, float16, ...) and are usually memmap slices.
 
     name: str
-    xt: np.ndarray
-    xval: np.ndarray
+    xt: np.ndarray | None  # None when only the evaluation files were read
+    xval: np.ndarray | None
     xb: np.ndarray | None = None
     xq: np.ndarray | None = None
     gt: np.ndarray | None = None
@@ -32,7 +32,7 @@ class Dataset:
     @property
     def d(self) -> int:
         """Vector dimension."""
-        return int(self.xt.shape[1])
+        return int(next(x for x in (self.xt, self.xb, self.xq) if x is not None).shape[1])
 
     def __repr__(self) -> str:
         """Shapes only: the arrays may be large memmaps."""
@@ -44,7 +44,6 @@ class _File(NamedTuple):
     """A candidate file, relative to the data folder."""
 
     rel: str
-    skip: int = 0  # leading rows that belong to another role (the database) and are not used
 
 
 class _Spec(NamedTuple):
@@ -82,8 +81,9 @@ _SETS = {
         _fs("deep1b/deep1B_queries.fvecs", "deep1b/query.public.10K.fbin"),
         _fs("deep1b/deep1M_groundtruth.ivecs"), 10_000, _M, (f"{_QINCO}deep1b/ ({_QINCO_SH})", _BIGANN)),
     "fb_ssnpp": _Spec(
-        # big-ann-benchmarks ships no FB_ssnpp training file: train on the database after its first 1M rows.
-        (_File("fb_ssnpp/training_set10010k.npy"), _File("FB_ssnpp/FB_ssnpp_database.u8bin", _M)),
+        # big-ann-benchmarks ships no FB_ssnpp training file (its database rows are not a training set):
+        # the training vectors must be the QINCo download's training_set10010k.npy.
+        _fs("fb_ssnpp/training_set10010k.npy"),
         _fs("fb_ssnpp/database1M.npy", "FB_ssnpp/FB_ssnpp_database.u8bin",
             "FB_ssnpp/FB_ssnpp_database.u8bin.crop_nb_1000000"),
         _fs("fb_ssnpp/queries.npy", "FB_ssnpp/FB_ssnpp_public_queries.u8bin"),
@@ -99,12 +99,12 @@ _SETS = {
 _ALIASES = {**{k.lower(): k for k in _SETS}, "fb_ssnpp1m": "fb_ssnpp"}
 
 
-def _locate(root: Path, name: str, role: str, required: bool = True) -> tuple[Path, int] | None:
+def _locate(root: Path, name: str, role: str, required: bool = True) -> Path | None:
     """First existing candidate file of a role, or an error listing every path looked for."""
     spec = _SETS[name]
     for f in getattr(spec, role):
         if (root / f.rel).is_file():
-            return root / f.rel, f.skip
+            return root / f.rel
     looked = "\n  ".join(str(root / f.rel) for f in getattr(spec, role))
     msg = (f"{name}: no {role} file found. Looked for:\n  {looked}\n"
            f"Data folder: {root} (--data-dir or the data_dir argument, else $QINCO_DATA_DIR, else ./data). "
@@ -170,16 +170,22 @@ def _groundtruth(gt: np.ndarray, xq: np.ndarray | None, xb: np.ndarray | None, s
 
 def load_dataset(
     name: str, data_dir: str | os.PathLike | None = None, *, nt: int | None = None, nval: int | None = None,
-    nb: int | None = None,
+    nb: int | None = None, train: bool = True,
 ) -> Dataset:
-    """A paper dataset from its QINCo, texmex or big-ann-benchmarks files; nb < 1M drops the 1M ground truth."""
+    """A paper dataset from its QINCo, texmex or big-ann-benchmarks files; nb < 1M drops the 1M ground truth.
+
+    train=False reads only the database, the queries and the ground truth (xt and xval are None):
+    evaluating a trained codec does not need the training file.
+    """
     key = _ALIASES.get(str(name).lower())
     if key is None:
         raise QincoInputError(f"unknown dataset {name!r}; known: {', '.join(_SETS)} (or your own files: --train, or load_files)")
     spec, root = _SETS[key], Path(data_dir or os.environ.get("QINCO_DATA_DIR") or "data").absolute()
-    (pt, skip), (pb, _), (pq, _) = (_locate(root, key, role) for role in ("train", "db", "queries"))
-    src = f"{pt} (after the {skip:,} database rows)" if skip else str(pt)
-    xt, xval = _split(read_vectors(pt)[skip:], nt, spec.nval if nval is None else nval, src)
+    pt = _locate(root, key, "train") if train else None
+    pb, pq = (_locate(root, key, role) for role in ("db", "queries"))
+    xt = xval = None
+    if train:
+        xt, xval = _split(read_vectors(pt), nt, spec.nval if nval is None else nval, str(pt))
     xb_all = read_vectors(pb)
     # A base shorter than spec.nb is taken whole; the gt id check below catches one cut short of its gt.
     xb = _limit(xb_all, min(spec.nb, xb_all.shape[0]) if nb is None else nb, str(pb))
@@ -188,7 +194,7 @@ def load_dataset(
     gt = None
     if nb is None or nb >= spec.nb:  # the ground truth is computed on the first spec.nb database rows
         found = _locate(root, key, "gt", required=False)
-        gt = None if found is None else _groundtruth(read_groundtruth(found[0]), xq, xb, str(found[0]))
+        gt = None if found is None else _groundtruth(read_groundtruth(found), xq, xb, str(found))
     return Dataset(key, xt, xval, xb, xq, gt)
 
 

@@ -1,0 +1,35 @@
+"""Progress bars draw on terminals only, and the codec's repr is one short line."""
+
+import io
+
+import qinco_jax as qj
+from qinco_jax.progress import Progress
+
+from conftest import random_codec
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _draw(enabled, stream, monkeypatch, stdout_tty=True):
+    monkeypatch.setattr("sys.stdout", _Tty() if stdout_tty else io.StringIO())
+    with Progress(10, desc="work", enabled=enabled, stream=stream, min_interval=0) as bar:
+        for _ in range(10):
+            bar.update(1, loss=0.5)
+    return stream.getvalue()
+
+
+def test_bar_only_on_a_terminal(monkeypatch):
+    assert "work" in _draw(True, _Tty(), monkeypatch)
+    assert _draw(True, io.StringIO(), monkeypatch) == ""  # the bar's stream is a file or a pipe
+    assert _draw(True, _Tty(), monkeypatch, stdout_tty=False) == ""  # stdout is redirected
+    assert _draw(False, _Tty(), monkeypatch) == ""
+    assert "10/10" in _draw("always", io.StringIO(), monkeypatch, stdout_tty=False)
+
+
+def test_codec_repr_is_short():
+    r = repr(random_codec(qj.QincoConfig(d=16, K=16, M=3, L=2, h=24), scale=2.5))
+    assert r == f"Codec(d=16, K=16, M=3, L=2, h=24, scale=2.5, {qj.QincoConfig(d=16, K=16, M=3, L=2, h=24).num_params():,} parameters)"
+    assert "\n" not in r and len(r) < 100

@@ -89,29 +89,30 @@ def train_baseline(name: str, xt, M: int, nbits: int = 8, **opts) -> Baseline:
     return Baseline(name, index, M, nbits, targets)
 
 
-def encode_decode(b: Baseline, x, chunk: int = 65536) -> tuple[np.ndarray, float]:
-    """Encode x in chunks, then decode; returns (xhat float32, encoding seconds)."""
+def decoded_chunks(b: Baseline, x, chunk: int = 65536, timer: list | None = None):
+    """(start, float32 reconstructions) of x chunk by chunk; encoding seconds are added to timer[0]."""
     x = checks.vectors(x, b.index.d, "x")
-    xhat = np.empty(x.shape, dtype=np.float32)
-    seconds = 0.0
     for i0 in range(0, x.shape[0], chunk):
         t0 = time.perf_counter()
         codes = b.encode(x[i0:i0 + chunk])
-        seconds += time.perf_counter() - t0
-        xhat[i0:i0 + chunk] = b.decode(codes)
-    return xhat, seconds
+        if timer is not None:
+            timer[0] += time.perf_counter() - t0
+        yield i0, b.decode(codes)
 
 
 def evaluate_baseline(b: Baseline, xb, xq, gt, ks=(1, 10, 100)) -> dict:
-    """dict(method, bytes, mse, r1, r10, r100, encode_us) for a trained baseline on xb / xq / gt."""
+    """dict(method, bytes, mse, r1, r10, r100, encode_us) for a trained baseline on xb / xq / gt.
+
+    The database is encoded, decoded and searched chunk by chunk: one chunk of reconstructions at a time.
+    """
     xb = checks.vectors(xb, b.index.d, "xb")
     xq = checks.vectors(xq, b.index.d, "xq")
     gt = metrics.check_groundtruth(gt, xb.shape[0], xq.shape[0])
-    xhat, seconds = encode_decode(b, xb)
-    _, I = metrics.knn_search(xq, xhat, max(ks))
-    row = {"method": b.name, "bytes": b.bytes, "mse": metrics.mse(xb, xhat)}
+    timer = [0.0]
+    mse, I = metrics.stream_evaluate(xb, decoded_chunks(b, xb, timer=timer), xq, max(ks))
+    row = {"method": b.name, "bytes": b.bytes, "mse": mse}
     row.update({f"r{k}": v for k, v in metrics.recalls(I, gt, ks).items()})
-    row["encode_us"] = seconds / xb.shape[0] * 1e6
+    row["encode_us"] = timer[0] / xb.shape[0] * 1e6
     return row
 
 
@@ -135,6 +136,6 @@ def baseline_mse_by_bytes(names, xt, xb, max_M: int, nbits: int = 8, opts: dict 
             except BaselineUnavailable:
                 curve.append(None)
                 continue
-            curve.append(metrics.mse(xb, encode_decode(b, xb)[0]))
+            curve.append(metrics.stream_evaluate(xb, decoded_chunks(b, xb))[0])
         out[name] = curve
     return out

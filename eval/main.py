@@ -6,21 +6,19 @@
     python eval/main.py --model runs/mine --db base.fvecs --queries queries.fvecs --gt gt.ivecs \\
         --train learn.fvecs --nt 500000 --baselines PQ,OPQ,RQ,RQ-beam5 --out mine.json --plot mine.png
 
-The database is encoded chunk by chunk (a memmap is streamed) and decoded into a float32 array; with
---decoded-dir that array is a temporary memory-mapped file in that folder (for databases larger than RAM).
-Queries are searched exactly (L2, blocks of the decoded database); without ground truth it is computed
-exactly on the raw database. MSE is the per-vector squared L2 error in raw units, averaged over the database.
+The database is encoded chunk by chunk (a memmap is streamed), then decoded, measured and searched
+one chunk at a time: at most one chunk of decoded vectors is held (--keep-decoded writes them all to a
+.npy file). Queries are searched exactly (L2) in the decoded database; without ground truth it is
+computed exactly on the raw database. Only --baselines needs the training vectors. MSE is the per-vector squared L2 error in raw units, averaged over the database.
 Timings are wall-clock per database vector, after one warm-up chunk (JIT compilation excluded).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="label of the data in the report (default: --dataset, else the --db file's name)")
     g.add_argument("--out", help="results JSON (default: beside the model, else ./eval_results.json)")
     g.add_argument("--plot", help="rate-distortion PNG (default: the JSON path with .png)")
-    g.add_argument("--decoded-dir", help="hold the decoded database in a temporary memmap file in this folder")
+    g.add_argument("--keep-decoded", metavar="FILE.npy",
+                   help="also write the decoded database (float32) to this .npy file (default: not kept)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return ap
 
@@ -88,7 +87,7 @@ def load_data(args) -> data.Dataset:
         name = args.dataset or "synthetic"
         if name == "synthetic":  # the same draw as train/main.py's default data
             return data.synthetic(seed=0, **{k: v for k, v in (("nt", args.nt), ("nb", args.nb)) if v is not None})
-        return data.load_dataset(name, args.data_dir, nt=args.nt, nval=0, nb=args.nb)
+        return data.load_dataset(name, args.data_dir, nt=args.nt, nval=0, nb=args.nb, train=bool(args.baselines))
     if args.dataset:
         raise QincoInputError("give either --dataset or --db/--queries, not both")
     if args.queries is None:
@@ -127,9 +126,7 @@ def baseline_train_set(xt: np.ndarray, n: int) -> np.ndarray:
     """At most n training vectors as float32 (a fixed random subset, read in file order)."""
     if n < 1:
         raise QincoInputError(f"--nt-baselines must be >= 1, got {n}")
-    if xt.shape[0] > n:
-        xt = xt[np.sort(np.random.default_rng(0).choice(xt.shape[0], n, replace=False))]
-    xt = np.ascontiguousarray(xt, dtype=np.float32)
+    xt = data.sample_rows(xt, n)
     checks.finite(xt, "training vectors")
     return xt
 
@@ -144,10 +141,14 @@ def default_out(model: str, name: str) -> Path:
 # ----------------------------------------------------------------------------- QINCo
 
 
-def decoded_chunks(codec: qj.Codec, codes: np.ndarray, chunk: int = DECODE_CHUNK):
-    """(start, float32 reconstructions) of codes[:, :m] chunk by chunk (qj.decode pads to fixed shapes)."""
+def decoded_chunks(codec: qj.Codec, codes: np.ndarray, chunk: int = DECODE_CHUNK, timer: list | None = None):
+    """(start, float32 reconstructions) of codes chunk by chunk; decoding seconds are added to timer[0]."""
     for i in range(0, codes.shape[0], chunk):
-        yield i, qj.decode(codec, codes[i:i + chunk])
+        t0 = time.perf_counter()
+        xhat = qj.decode(codec, codes[i:i + chunk])
+        if timer is not None:
+            timer[0] += time.perf_counter() - t0
+        yield i, xhat
 
 
 def encode_db(codec: qj.Codec, xb, progress: bool) -> tuple[np.ndarray, float]:
@@ -158,57 +159,49 @@ def encode_db(codec: qj.Codec, xb, progress: bool) -> tuple[np.ndarray, float]:
     return codes, time.perf_counter() - t0
 
 
-def decode_into(codec: qj.Codec, codes: np.ndarray, out: np.ndarray, progress: bool) -> float:
-    """Decode all codes into the preallocated (n, d) float32 array out; returns the seconds (after warm-up)."""
-    next(decoded_chunks(codec, codes[: codec_mod.DEFAULT_CHUNK]))
-    t0 = time.perf_counter()
-    with Progress(codes.shape[0], desc="decode", enabled=progress) as bar:
-        for i, xhat in decoded_chunks(codec, codes):
-            out[i:i + xhat.shape[0]] = xhat
-            bar.update(xhat.shape[0])
-    return time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def decoded_buffer(n: int, d: int, folder: str | None):
-    """A float32 (n, d) array: in memory, or a memmap in a temporary file under folder (removed after)."""
-    if folder is None:
-        yield np.empty((n, d), np.float32)
+def kept(chunks, path: str | None, n: int, d: int):
+    """Pass (start, xhat) chunks through, also writing them to a float32 (n, d) .npy file when path is given."""
+    if path is None:
+        yield from chunks
         return
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix="qinco_decoded_") as tmp:
-        yield np.lib.format.open_memmap(os.path.join(tmp, "xb_decoded.npy"), "w+", np.float32, (n, d))
+    Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
+    out = np.lib.format.open_memmap(path, "w+", np.float32, (n, d))
+    for start, xhat in chunks:
+        out[start:start + xhat.shape[0]] = xhat
+        yield start, xhat
+    out.flush()
+    del out
 
 
-def search_recalls(xq, xhat, gt: np.ndarray) -> dict:
-    """{'r1': ..., 'r10': ..., 'r100': ...} of exact search in xhat (None where k exceeds the database)."""
-    ks = [k for k in KS if k <= xhat.shape[0]]
-    _, I = metrics.knn_search(xq, xhat, max(ks))
-    got = metrics.recalls(I, gt, ks)
-    return {f"r{k}": got.get(k) for k in KS}
+def progressed(chunks, n: int, enabled: bool, desc: str):
+    """Pass (start, x) chunks through, advancing a progress bar."""
+    with Progress(n, desc=desc, enabled=enabled) as bar:
+        for start, x in chunks:
+            yield start, x
+            bar.update(x.shape[0])
 
 
 def qinco_rd(codec: qj.Codec, codes: np.ndarray, xb, full_mse: float) -> list[float]:
     """MSE of the m-step reconstructions (the first m code columns), m = 1..M."""
-    M, out = codec.config.M, []
-    for m in range(1, M):
-        total = 0.0
-        for i, xhat in decoded_chunks(codec, codes[:, :m]):
-            total += metrics.mse(xb[i:i + xhat.shape[0]], xhat) * xhat.shape[0]
-        out.append(total / codes.shape[0])
-    return out + [full_mse]
+    M = codec.config.M
+    return [metrics.stream_evaluate(xb, decoded_chunks(codec, codes[:, :m]))[0] for m in range(1, M)] + [full_mse]
 
 
 def evaluate_qinco(codec: qj.Codec, ds: data.Dataset, gt, args) -> tuple[dict, list[float]]:
-    """The QINCo table row and its rate-distortion MSEs (m = 1..M)."""
+    """The QINCo table row and its rate-distortion MSEs (m = 1..M): the database is decoded and
+    searched one chunk at a time."""
     n, d = ds.xb.shape
     log(f"encoding {n:,} database vectors")
     codes, enc_s = encode_db(codec, ds.xb, args.progress)
-    with decoded_buffer(n, d, args.decoded_dir) as xhat:
-        dec_s = decode_into(codec, codes, xhat, args.progress)
-        err = metrics.mse(ds.xb, xhat)
-        row = {"method": "QINCo", "bytes": code_bytes(codec.config.M, codec.config.K), "mse": err}
-        row.update(search_recalls(ds.xq, xhat, gt))
+    next(decoded_chunks(codec, codes[: codec_mod.DEFAULT_CHUNK]))  # warm-up: compilation is not timed
+    timer = [0.0]
+    chunks = progressed(decoded_chunks(codec, codes, timer=timer), n, args.progress, "decode and search")
+    ks = [k for k in KS if k <= n]
+    err, I = metrics.stream_evaluate(ds.xb, kept(chunks, args.keep_decoded, n, d), ds.xq, max(ks))
+    dec_s = timer[0]
+    row = {"method": "QINCo", "bytes": code_bytes(codec.config.M, codec.config.K), "mse": err}
+    got = metrics.recalls(I, gt, ks)
+    row.update({f"r{k}": got.get(k) for k in KS})
     row.update(encode_us=enc_s / n * 1e6, decode_us=dec_s / n * 1e6, encode_s=enc_s, decode_s=dec_s)
     log(f"QINCo: MSE {err:.6g}, encode {enc_s:.3g}s, decode {dec_s:.3g}s; rate-distortion (m = 1..M steps)")
     return row, qinco_rd(codec, codes, ds.xb, err)

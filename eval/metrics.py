@@ -29,6 +29,26 @@ def knn_search(xq, xb, k: int, block: int = 131072) -> tuple[np.ndarray, np.ndar
     return faiss_ops.knn(xq, xb, checks.batch_size(k, "k"), checks.batch_size(block, "block"))
 
 
+def stream_evaluate(xb, decoded, xq=None, k: int = 100) -> tuple[float, np.ndarray | None]:
+    """MSE of a database against its reconstructions, which arrive as (start, xhat chunk) in order,
+    and the exact k-NN ids of xq among the reconstructions (None without queries). Only one chunk of
+    reconstructions is held at a time."""
+    xb = checks.vectors(xb, None, "xb")
+    search = None if xq is None else faiss_ops.BlockedKnn(checks.vectors(xq, xb.shape[1], "xq"), k)
+    total, seen = 0.0, 0
+    for start, xhat in decoded:
+        if start != seen:
+            raise ValueError(f"reconstructions arrive out of order: chunk at {start}, expected {seen}")
+        diff = np.asarray(xb[start:start + xhat.shape[0]], np.float64) - np.asarray(xhat, np.float64)
+        total += float(np.einsum("ij,ij->", diff, diff))
+        seen += xhat.shape[0]
+        if search is not None:
+            search.add(start, xhat)
+    if seen != xb.shape[0]:
+        raise ValueError(f"{seen} reconstructions for {xb.shape[0]} database vectors")
+    return total / seen, None if search is None else search.result()[1]
+
+
 def recalls(I, gt, ks=(1, 10, 100)) -> dict:
     """{k: share of queries whose true nearest neighbour gt[:, 0] is among I[:, :k]}."""
     I, gt = np.asarray(I), np.asarray(gt)

@@ -298,13 +298,18 @@ def ivf_assign(codec: Codec, x, *, batch_size: int | None = None, progress: bool
 
 
 def data_scale(xt) -> float:
-    """The original's db_scale: the maximum entry of the training set (signed, not max-abs)."""
-    s = float(np.max(xt))
+    """The original's db_scale: the maximum entry of the training set (signed, not max-abs), streamed."""
+    from qinco_jax import data
+
+    s = data.streamed_max(xt)
     if not np.isfinite(s) or s <= 0:
         raise checks.QincoInputError(
             f"the training data's maximum is {s}; the data scale must be positive: pass scale= explicitly"
         )
     return s
+
+
+RQ_NT = 1_000_000  # the RQ initialisation trains on at most this many vectors (as QINCo2)
 
 
 def init_codec(
@@ -315,6 +320,7 @@ def init_codec(
     rq_beam_size: int = 1,
     scale: float | None = None,
     centroids=None,
+    rq_nt: int = RQ_NT,
 ) -> Codec:
     """A codec initialised as the original: RQ codebooks trained on xt (raw units) divided by the
     data scale, and torch-default random linear layers.
@@ -325,13 +331,15 @@ def init_codec(
 
     Args:
       cfg: architecture.
-      xt: (n, d) training vectors in raw units.
-      seed: seed of the random linear layers (and of the IVF k-means).
+      xt: (n, d) training vectors in raw units (a memmap is read in chunks, never converted whole).
+      seed: seed of the random linear layers, of the RQ training sample (and of the IVF k-means).
       rq_beam_size: beam size of the faiss ResidualQuantizer that initialises the codebooks.
-      scale: data scale; default xt.max() as in the original.
+      scale: data scale; default xt.max() as in the original (over all of xt).
       centroids: IVF centroids in raw units (IVF only).
+      rq_nt: the RQ (and the IVF k-means) train on all of xt when it holds at most rq_nt vectors
+        (the original's case, 500k by default), else on a fixed random sample of rq_nt of them.
     """
-    from qinco_jax import faiss_ops
+    from qinco_jax import data, faiss_ops
 
     xt = checks.vectors(xt, cfg.d, "training vectors")
     checks.finite(xt, "training vectors")
@@ -339,7 +347,7 @@ def init_codec(
     if centroids is not None and not cfg.nlist:
         raise checks.QincoInputError("centroids are given but the config is not IVF (nlist = 0)")
     scale = data_scale(xt) if scale is None else float(scale)
-    x = np.asarray(xt, np.float32)
+    x = data.sample_rows(xt, rq_nt, seed)
     c_scaled = None
     if cfg.nlist:
         if centroids is None:
@@ -351,7 +359,7 @@ def init_codec(
         centroids = checks.centroids(centroids, cfg.d, cfg.nlist)
         c_scaled = centroids * np.float32(1.0 / scale)
         assign = _assign_scaled(c_scaled, x, np.float32(1.0 / scale), None, False, "training vectors")
-        x = x - centroids[assign]
+        x -= centroids[assign]
     rq = faiss_ops.train_rq(x, cfg.M, cfg.K, rq_beam_size)
     codebooks = faiss_ops.rq_codebooks(rq) / np.float32(scale)
     params = with_codebooks(init_params(cfg, jax.random.key(seed)), codebooks, c_scaled)

@@ -89,13 +89,29 @@ def faiss_decode(q, codes: np.ndarray) -> np.ndarray:
 
 def knn(xq: np.ndarray, xb, k: int, block: int = 131072) -> tuple[np.ndarray, np.ndarray]:
     """Exact L2 k-NN of xq in xb, reading xb (a memmap is fine) in blocks of rows; (D, I) as faiss.knn."""
-    import faiss
-
-    xq = _f32(xq)
-    heap = faiss.ResultHeap(xq.shape[0], k)
+    search = BlockedKnn(xq, k)
     for i0 in range(0, xb.shape[0], block):
-        xblk = _f32(xb[i0 : i0 + block])
-        D, I = faiss.knn(xq, xblk, min(k, xblk.shape[0]))
-        heap.add_result(D, I + i0)
-    heap.finalize()
-    return heap.D, heap.I
+        search.add(i0, xb[i0 : i0 + block])
+    return search.result()
+
+
+class BlockedKnn:
+    """Exact L2 k-NN of queries over a database that arrives block by block (only the heap is kept)."""
+
+    def __init__(self, xq: np.ndarray, k: int):
+        import faiss
+
+        self.xq, self.k = _f32(xq), int(k)
+        self.heap = faiss.ResultHeap(self.xq.shape[0], self.k)
+
+    def add(self, start: int, xblk) -> None:
+        """Database rows start .. start + len(xblk) - 1."""
+        import faiss
+
+        xblk = _f32(xblk)
+        D, I = faiss.knn(self.xq, xblk, min(self.k, xblk.shape[0]))
+        self.heap.add_result(D, I + start)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        self.heap.finalize()
+        return self.heap.D, self.heap.I

@@ -92,13 +92,16 @@ def test_baselines_at_the_same_code_size(result):
 def test_exact_groundtruth_memmap_and_unavailable_pq(files, capsys):
     out = files["root"] / "m3.json"
     eval_main.main(_args(files, "codec_m3", "--train", str(files["train"]), "--baselines", "PQ,RQ", "--nb", "600",
-                         "--decoded-dir", str(files["root"] / "tmp"), "--out", str(out)))
+                         "--keep-decoded", str(files["root"] / "tmp" / "xb_decoded.npy"), "--out", str(out)))
     res = json.loads(out.read_text())
     assert res["data"]["nb"] == 600 and res["data"]["groundtruth"] == "exact search on the raw database"
     pq, rq = _row(res, "PQ"), _row(res, "RQ")
     assert pq["bytes"] == rq["bytes"] == 1.5 and pq.get("mse") is None and "divide" in pq["note"]
     assert [m is None for m in res["rate_distortion"]["PQ"]["mse"]] == [False, False, True]  # 3 does not divide 16
-    assert list((files["root"] / "tmp").iterdir()) == []  # the memmap is removed
+    kept = np.load(files["root"] / "tmp" / "xb_decoded.npy")  # asked to keep the decoded database
+    codec = qj.load(files["root"] / "codec_m3")
+    np.testing.assert_allclose(kept, qj.decode(codec, qj.encode(codec, files["ds"].xb[:600])), rtol=1e-6)
+    assert ((kept - files["ds"].xb[:600]) ** 2).sum(1).mean() == pytest.approx(_row(res, "QINCo")["mse"], rel=1e-5)
     table = capsys.readouterr().out
     assert "QINCo" in table and "n/a" in table
 

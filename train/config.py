@@ -32,6 +32,7 @@ class TrainConfig:
     epochs: int = 1000
     seed: int = 1234
     rq_beam_size: int = 1
+    rq_nt: int = 1_000_000  # the RQ initialisation trains on at most this many training vectors (as QINCo2)
     persistent_adam: bool = False  # the original re-creates Adam every epoch
     # run
     workdir: str = "runs/default"

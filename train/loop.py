@@ -121,20 +121,20 @@ def val_mse(codec: qj.Codec, xval) -> float:
     return float(qj.encode_with_error(codec, xval)[1].mean())
 
 
-RQ_BASELINE_NT = 200_000  # bounds the end-of-run baseline's training time on large sets
+RQ_BASELINE_NT = 100_000  # bounds the end-of-run baselines' training time and memory (beam 5) on large sets
 
 
 def rq_val_mse(xt, xval, M: int, K: int, beam: int, ivf: qj.Codec | None = None) -> float:
-    """MSE on xval of a faiss ResidualQuantizer of the same size trained on (at most 200k of) xt.
+    """MSE on xval of a faiss ResidualQuantizer of the same size trained on (a sample of at most 100k of) xt.
 
     With an IVF codec, the baseline is IVF-RQ: the same centroids and assignment, and the RQ trained
     on and applied to the residuals x - c[assign] (the same code size as IVF-QINCo).
     """
-    xt = np.asarray(xt[:RQ_BASELINE_NT], np.float32)
+    xt = data.sample_rows(xt, RQ_BASELINE_NT)
     xv = np.array(xval, np.float32)
     if ivf is not None:
         c = ivf.ivf_centroids
-        xt = xt - c[qj.codec.ivf_assign(ivf, xt)]
+        xt -= c[qj.codec.ivf_assign(ivf, xt)]
         xv -= c[qj.codec.ivf_assign(ivf, xv)]
     rq = faiss_ops.train_rq(xt, M, K, beam)
     return float(((rq.decode(rq.compute_codes(xv)) - xv) ** 2).sum(1).mean())
@@ -166,12 +166,13 @@ def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir
     mcfg = cfg.model(ds.d)
     if mcfg.nlist and centroids is None:
         t0 = time.time()
-        centroids = faiss_ops.kmeans(np.asarray(ds.xt, np.float32), mcfg.nlist, cfg.seed)
+        centroids = faiss_ops.kmeans(data.sample_rows(ds.xt, cfg.rq_nt, cfg.seed), mcfg.nlist, cfg.seed)
         log(f"IVF: k-means of {mcfg.nlist} centroids done in {time.time() - t0:.1f}s")
     if mcfg.nlist and workdir is not None and jax.process_index() == 0:
         np.save(os.path.join(workdir, CENTROIDS), np.asarray(centroids, np.float32))
     t0 = time.time()
-    codec = qj.init_codec(mcfg, ds.xt, seed=cfg.seed, rq_beam_size=cfg.rq_beam_size, centroids=centroids)
+    codec = qj.init_codec(mcfg, ds.xt, seed=cfg.seed, rq_beam_size=cfg.rq_beam_size, centroids=centroids,
+                          rq_nt=cfg.rq_nt)
     what = f"IVF{mcfg.nlist} + RQ on the residuals" if mcfg.nlist else "RQ"
     log(f"{what} {mcfg.M}x{int(np.log2(mcfg.K))} (beam {cfg.rq_beam_size}) initialisation done in {time.time() - t0:.1f}s; "
         f"data scale {codec.scale:.6g}; {mcfg.num_params():,} trainable parameters")

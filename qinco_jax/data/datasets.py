@@ -223,3 +223,22 @@ def batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarr
         raise QincoInputError(f"batches needs n, seed, epoch >= 0; got n={n}, seed={seed}, epoch={epoch}")
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     return (perm[i : i + bs] for i in range(0, n, bs))
+
+
+def sample_rows(x: np.ndarray, n: int, seed: int = 0, chunk: int = 65536) -> np.ndarray:
+    """At most n rows of x as a new float32 array: all of them when x has no more, else a fixed
+    random subset (of seed) read in file order, chunk by chunk (a memmap is never converted whole)."""
+    n = checks.batch_size(n, "sample size")
+    total = x.shape[0]
+    rows = np.arange(total) if total <= n else np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    out = np.empty((len(rows), x.shape[1]), np.float32)
+    for i in range(0, len(rows), chunk):
+        r = rows[i : i + chunk]
+        out[i : i + len(r)] = x[r[0] : r[-1] + 1] if total <= n else x[r]
+    return out
+
+
+def streamed_max(x: np.ndarray, chunk: int = 65536) -> float:
+    """The maximum entry of x, read chunk by chunk."""
+    return max(float(np.max(x[i : i + chunk])) for i in range(0, x.shape[0], chunk))
+

@@ -360,7 +360,11 @@ def init_codec(
         c_scaled = centroids * np.float32(1.0 / scale)
         assign = _assign_scaled(c_scaled, x, np.float32(1.0 / scale), None, False, "training vectors")
         x -= centroids[assign]
-    rq = faiss_ops.train_rq(x, cfg.M, cfg.K, rq_beam_size)
-    codebooks = faiss_ops.rq_codebooks(rq) / np.float32(scale)
+    if rq_beam_size == 1:  # the original's default, level by level in bounded memory
+        codebooks = faiss_ops.greedy_rq_codebooks(x, cfg.M, cfg.K, inplace=True)
+    else:
+        codebooks = faiss_ops.rq_codebooks(faiss_ops.train_rq(x, cfg.M, cfg.K, rq_beam_size))
+    del x
+    codebooks = codebooks / np.float32(scale)
     params = with_codebooks(init_params(cfg, jax.random.key(seed)), codebooks, c_scaled)
     return Codec(cfg, jax.device_get(params), scale)

@@ -9,7 +9,7 @@ import optax
 
 import qinco_jax as qj
 from qinco_jax import codec as codec_mod
-from qinco_jax import faiss_ops
+from qinco_jax import data, faiss_ops
 from qinco_jax import training
 
 import reference
@@ -151,6 +151,35 @@ def test_init_codec_uses_rq_codebooks_and_data_scale():
     assert codec.scale == pytest.approx(float(xt.max()))
     rq = faiss_ops.train_rq(xt, TINY.M, TINY.K, beam_size=2)
     np.testing.assert_allclose(codec.params["codebook0"] * codec.scale, faiss_ops.rq_codebooks(rq)[0], rtol=1e-5, atol=1e-4)
+
+
+def test_greedy_rq_is_faiss_rq_level_by_level():
+    rng = np.random.default_rng(1)
+    xt = (rng.normal(size=(3000, 16)) * np.linspace(3, 0.5, 16) + 2).astype(np.float32)
+    faiss_books = faiss_ops.rq_codebooks(faiss_ops.train_rq(xt, 4, 16, beam_size=1))
+    np.testing.assert_array_equal(faiss_ops.greedy_rq_codebooks(xt, 4, 16), faiss_books)  # n <= 256 K: exact
+    big = (rng.normal(size=(12000, 16)) * np.linspace(3, 0.5, 16) + 2).astype(np.float32)
+    books = faiss_ops.greedy_rq_codebooks(big[:10000], 4, 16)  # subsampled k-means (n > 256 K)
+    rq = faiss_ops.train_rq(big[:10000], 4, 16, beam_size=1)
+    held = big[10000:]
+    mse_faiss = ((rq.decode(rq.compute_codes(held)) - held) ** 2).sum(1).mean()
+    r = held.copy()
+    for C in books:
+        r -= C[((r[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)]
+    assert (r**2).sum(1).mean() < 1.03 * mse_faiss
+
+
+def test_init_codec_samples_at_most_rq_nt_vectors():
+    rng = np.random.default_rng(2)
+    xt = (rng.normal(size=(3000, 16)) * 4 + 10).astype(np.float32)
+    codec = qj.init_codec(TINY, xt, seed=5, rq_nt=1000)
+    assert codec.scale == pytest.approx(float(xt.max()))  # the scale is still over all of xt
+    sample = data.sample_rows(xt, 1000, 5)
+    assert sample.shape == (1000, 16) and len({tuple(r) for r in sample}) == 1000
+    assert {tuple(r) for r in sample} <= {tuple(r) for r in xt}
+    books = faiss_ops.greedy_rq_codebooks(sample, TINY.M, TINY.K)
+    np.testing.assert_allclose(codec.params["codebook0"] * codec.scale, books[0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(data.sample_rows(xt, 5000, 5), xt)  # all of them when there are fewer
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qinco_jax import checks
 from qinco_jax.model import Qinco, QincoConfig, nearest_blocked
@@ -18,6 +19,7 @@ from qinco_jax.progress import Progress
 # cache-sized while the outer chunk amortises dispatch. Chosen by eval/bench_codec.py (see README).
 DEFAULT_CHUNK = 1024
 SUB_ELEMS = 1 << 20
+AXIS = "batch"  # the device axis of the pmap-ed encode / decode (and train step)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -132,8 +134,56 @@ def _encode_chunk(cfg: QincoConfig, requested: int | None, n: int) -> int:
     return -(-chunk // sub) * sub
 
 
+def local_devices(devices=None) -> tuple:
+    """The devices to run on: the given ones, or every local device of this process."""
+    devs = tuple(devices) if devices is not None else tuple(jax.local_devices())
+    if not devs:
+        raise checks.QincoInputError("devices is empty")
+    return devs
+
+
+def _parallel(fn, devices: tuple):
+    """fn(params, x) over the devices: jit on one, pmap over several (params replicated, x split on axis 0)."""
+    if len(devices) == 1:
+        return jax.jit(fn)
+    return jax.pmap(fn, in_axes=(0, 0), devices=list(devices))
+
+
+def replicate(tree, devices: tuple):
+    """A host pytree placed for _parallel: committed to the one device, else stacked over the devices."""
+    return jax.device_put(tree, devices[0]) if len(devices) == 1 else stacked_replicate(tree, devices)
+
+
+def stacked_replicate(tree, devices: tuple):
+    """A host pytree copied onto each device along a leading axis, laid out as a pmap's own outputs
+    (a mesh over the devices), so that a pmap fed with it compiles once."""
+    if jax.process_count() > 1:
+        from flax import jax_utils
+
+        return jax_utils.replicate(tree, devices=list(devices))
+    sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
+    stacked = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (len(devices),) + np.shape(a)), tree)
+    return jax.device_put(stacked, sharding)
+
+
+def _split(block: np.ndarray, devices: tuple):
+    """A padded host block as the parallel function's input: (n_dev, chunk, ...) over several devices."""
+    if len(devices) == 1:
+        return jax.device_put(block, devices[0])
+    return block.reshape((len(devices), -1) + block.shape[1:])
+
+
+def _joined(out, devices: tuple | None):
+    """Host copy of a parallel function's outputs, the device axis folded back into the rows."""
+    out = jax.device_get(out)
+    if devices is None or len(devices) == 1:
+        return out
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
+
+
 @functools.lru_cache(maxsize=64)
-def _encode_fn(cfg: QincoConfig, chunk: int):
+def _encode_fn(cfg: QincoConfig, chunk: int, devices: tuple):
+    """Encode `chunk` vectors per device per call."""
     model, sub = Qinco(cfg), _sub_batch(cfg, chunk)
 
     def one(params, x_BD, code0_B=None):
@@ -149,7 +199,7 @@ def _encode_fn(cfg: QincoConfig, chunk: int):
             codes, err = jax.lax.map(lambda xb: one(params, xb), xs)
         return codes.reshape(chunk, cfg.num_codes), err.reshape(chunk)
 
-    return jax.jit(run)
+    return _parallel(run, devices)
 
 
 @jax.jit
@@ -158,9 +208,9 @@ def _assign_fn(c_ND, x_BD):
 
 
 @functools.lru_cache(maxsize=64)
-def _decode_fn(cfg: QincoConfig, chunk: int, m: int):
+def _decode_fn(cfg: QincoConfig, chunk: int, m: int, devices: tuple):
     model = Qinco(cfg)
-    return jax.jit(lambda params, codes: model.apply({"params": params}, codes, method=Qinco.decode))
+    return _parallel(lambda params, codes: model.apply({"params": params}, codes, method=Qinco.decode), devices)
 
 
 def _chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -176,22 +226,22 @@ def _pad(block: np.ndarray, chunk: int) -> np.ndarray:
     return out
 
 
-def _pipelined(n, chunk, launch, progress, desc):
+def _pipelined(n, chunk, launch, progress, desc, devices: tuple | None = None):
     """Launch jitted work chunk by chunk, fetching chunk i-1 while chunk i runs; yields host results."""
     pending = None
     with Progress(n, desc=desc, enabled=progress) as bar:
         for start, stop in _chunks(n, chunk):
             out = launch(start, stop)
             if pending is not None:
-                yield pending[0], jax.device_get(pending[1])
+                yield pending[0], _joined(pending[1], devices)
                 bar.update(pending[2])
             pending = (start, out, stop - start)
         if pending is not None:
-            yield pending[0], jax.device_get(pending[1])
+            yield pending[0], _joined(pending[1], devices)
             bar.update(pending[2])
 
 
-def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False):
+def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False, devices=None):
     """Greedy codes and the per-vector squared reconstruction error (raw units).
 
     Returns (codes (n, cfg.num_codes) of cfg.code_dtype, err (n,) float64).
@@ -199,51 +249,55 @@ def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progres
     checks.codec(codec, CODECS)
     cfg = codec.config
     x = checks.vectors(x, cfg.d)
-    chunk = _encode_chunk(cfg, batch_size, x.shape[0])
-    fn = _encode_fn(cfg, chunk)
-    params = jax.device_put(codec.params)
+    n, devs = x.shape[0], local_devices(devices)
+    chunk = _encode_chunk(cfg, batch_size, -(-n // len(devs)))
+    step = chunk * len(devs)  # vectors per call, split evenly over the devices
+    fn = _encode_fn(cfg, chunk, devs)
+    params = replicate(codec.params, devs)
     inv = np.float32(1.0 / codec.scale)
-    n = x.shape[0]
     codes = np.empty((n, cfg.num_codes), cfg.code_dtype)
     err = np.empty(n, np.float64)
 
     def launch(start, stop):
         block = np.asarray(x[start:stop], dtype=np.float32)
         checks.encodable_chunk(block, start, codec.scale)
-        return fn(params, _pad(block * inv, chunk))
+        return fn(params, _split(_pad(block * inv, step), devs))
 
-    for start, (c, e) in _pipelined(n, chunk, launch, progress, "encode"):
-        stop = min(n, start + chunk)
+    for start, (c, e) in _pipelined(n, step, launch, progress, "encode", devs):
+        stop = min(n, start + step)
         codes[start:stop] = c[: stop - start]
         err[start:stop] = e[: stop - start].astype(np.float64) * codec.scale**2
     return codes, err
 
 
-def encode(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+def encode(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False, devices=None) -> np.ndarray:
     """Greedy QINCo codes of x.
 
     Args:
       codec: the codec.
       x: (n, d) array of any real dtype (a memmap is read chunk by chunk), raw units.
-      batch_size: vectors per jitted call (memory is bounded by it, whatever n).
+      batch_size: vectors per jitted call and device (memory is bounded by it, whatever n).
       progress: show a progress bar on stderr.
+      devices: the devices to use (default: all local devices; each call's vectors are split over them).
 
     Returns:
       (n, cfg.num_codes) codes of cfg.code_dtype: (n, M) for plain QINCo, uint8 when K <= 256 else
       uint16; (n, 1 + M) for IVF-QINCo, column 0 the list id (the dtype holds max(K, nlist)).
     """
-    return encode_with_error(codec, x, batch_size=batch_size, progress=progress)[0]
+    return encode_with_error(codec, x, batch_size=batch_size, progress=progress, devices=devices)[0]
 
 
-def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool = False,
+           devices=None) -> np.ndarray:
     """Reconstruct vectors (raw units, float32) from codes.
 
     Args:
       codec: the codec.
       codes: (n, m) integer codes with m <= cfg.num_codes; fewer columns give the reconstruction
         from that prefix (IVF: m = 1 is the centroid). Column 0 of IVF codes must be < nlist.
-      batch_size: vectors per jitted call.
+      batch_size: vectors per jitted call and device.
       progress: show a progress bar on stderr.
+      devices: the devices to use (default: all local devices).
 
     Returns:
       (n, d) float32.
@@ -252,16 +306,18 @@ def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool
     cfg = codec.config
     codes = checks.codes(codes, cfg.K, cfg.M, nlist=cfg.nlist)
     n, m = codes.shape
-    chunk = _chunk(batch_size, n)
-    fn = _decode_fn(cfg, chunk, m)
-    params = jax.device_put(codec.params)
+    devs = local_devices(devices)
+    chunk = _chunk(batch_size, -(-n // len(devs)))
+    step = chunk * len(devs)
+    fn = _decode_fn(cfg, chunk, m, devs)
+    params = replicate(codec.params, devs)
     out = np.empty((n, cfg.d), np.float32)
 
     def launch(start, stop):
-        return fn(params, _pad(np.asarray(codes[start:stop], np.int32), chunk))
+        return fn(params, _split(_pad(np.asarray(codes[start:stop], np.int32), step), devs))
 
-    for start, xhat in _pipelined(n, chunk, launch, progress, "decode"):
-        stop = min(n, start + chunk)
+    for start, xhat in _pipelined(n, step, launch, progress, "decode", devs):
+        stop = min(n, start + step)
         out[start:stop] = xhat[: stop - start]
     out *= np.float32(codec.scale)
     return out

@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import jax_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qinco_jax import codec as codec_mod
 from qinco_jax.model import Qinco, QincoConfig
 
-AXIS = "batch"
+AXIS = codec_mod.AXIS
 MIN_LR = 2e-6  # the original stops once the learning rate falls below this
 PLATEAU_PATIENCE = 10  # validations without a new best before the learning rate is divided by 10
 
@@ -171,17 +170,9 @@ def init_state(params, cfg: QincoConfig | None = None) -> TrainState:
 
 
 def replicate(state: TrainState, devices: tuple | None = None) -> TrainState:
-    """Copy a host state onto every local device (leading device axis).
-
-    On one process the copy is laid out exactly as the pmap step's own outputs (a mesh over AXIS),
-    so the step compiles once rather than once more for its second call.
-    """
-    if jax.process_count() > 1:
-        return jax_utils.replicate(state, devices=list(devices) if devices else None)
-    devices = list(devices) if devices else jax.local_devices()
-    sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
-    stacked = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (len(devices),) + np.shape(a)), state)
-    return jax.device_put(stacked, sharding)
+    """Copy a host state onto every local device (leading device axis), laid out as the pmap step's
+    own outputs, so the step compiles once rather than once more for its second call."""
+    return codec_mod.stacked_replicate(state, codec_mod.local_devices(devices or None))
 
 
 def unreplicate(state: TrainState) -> TrainState:

@@ -116,11 +116,12 @@ def test_streaming_compiles_once_and_matches_one_shot(tiny_codec, tmp_path):
     np.save(path, x)
     xm = np.load(path, mmap_mode="r")
     whole = qj.encode(tiny_codec, x, batch_size=1000)
-    fn = codec_mod._encode_fn(TINY, codec_mod._encode_chunk(TINY, 96, 1000))
+    one = jax.local_devices()[:1]  # the compilation count of the jitted single-device path
+    fn = codec_mod._encode_fn(TINY, codec_mod._encode_chunk(TINY, 96, 1000), tuple(one))
     before = fn._cache_size()
-    streamed = qj.encode(tiny_codec, xm, batch_size=96)  # 10 full chunks + a padded one
+    streamed = qj.encode(tiny_codec, xm, batch_size=96, devices=one)  # 10 full chunks + a padded one
     assert fn._cache_size() - before <= 1
-    qj.encode(tiny_codec, xm[:500], batch_size=96)
+    qj.encode(tiny_codec, xm[:500], batch_size=96, devices=one)
     assert fn._cache_size() - before <= 1
     np.testing.assert_array_equal(streamed, whole)
     codes_e, err = qj.encode_with_error(tiny_codec, xm, batch_size=96)
@@ -237,13 +238,16 @@ def test_config_validation():
 def test_small_inputs_of_many_sizes_share_compilations(tiny_codec):
     x = near_codes(tiny_codec, 64)
     sizes = range(33, 64)  # all round up to one 64-vector chunk
-    fns = {codec_mod._encode_fn(TINY, codec_mod._encode_chunk(TINY, None, n)) for n in sizes}
+    one = jax.local_devices()[:1]
+    fns = {codec_mod._encode_fn(TINY, codec_mod._encode_chunk(TINY, None, n), tuple(one)) for n in sizes}
     assert len(fns) == 1
     fn = fns.pop()
     before = fn._cache_size()
     for n in sizes:
-        np.testing.assert_array_equal(qj.encode(tiny_codec, x[:n]), qj.encode(tiny_codec, x)[:n])
+        np.testing.assert_array_equal(qj.encode(tiny_codec, x[:n], devices=one), qj.encode(tiny_codec, x)[:n])
     assert fn._cache_size() - before <= 1
+    # over 8 devices the same sizes share one per-device chunk (8 vectors) too
+    assert len({codec_mod._encode_chunk(TINY, None, -(-n // 8)) for n in sizes}) == 1
 
 
 def test_real_sift_vectors_match_faiss():
@@ -256,3 +260,33 @@ def test_real_sift_vectors_match_faiss():
     agree, rel = _faiss_parity(codec, x[3000:4000])
     assert agree >= 0.999
     assert rel < 1e-5
+
+
+@pytest.mark.parametrize("n, batch", [(1000, 96), (5, None), (37, 8), (2048, None)])
+def test_eight_devices_give_the_single_device_codes(tiny_codec, n, batch):
+    devs = jax.local_devices()
+    assert len(devs) == 8
+    x = near_codes(tiny_codec, n, seed=n)
+    codes8, err8 = qj.encode_with_error(tiny_codec, x, batch_size=batch)
+    codes1, err1 = qj.encode_with_error(tiny_codec, x, batch_size=batch, devices=devs[:1])
+    np.testing.assert_array_equal(codes8, codes1)
+    np.testing.assert_allclose(err8, err1, rtol=1e-5, atol=1e-6)
+    for m in (1, TINY.M):
+        np.testing.assert_allclose(qj.decode(tiny_codec, codes1[:, :m], batch_size=batch),
+                                   qj.decode(tiny_codec, codes1[:, :m], batch_size=batch, devices=devs[:1]), atol=1e-5)
+    # the default ran as one pmap over the 8 devices (its function was built and cached)
+    chunk = codec_mod._encode_chunk(TINY, batch, -(-n // 8))
+    hits = codec_mod._encode_fn.cache_info().hits
+    assert not hasattr(codec_mod._encode_fn(TINY, chunk, tuple(devs)), "_cache_size")  # a pmap, not a jit
+    assert codec_mod._encode_fn.cache_info().hits == hits + 1
+
+
+def test_multi_device_encode_reports_bad_rows_and_streams_memmaps(tiny_codec, tmp_path):
+    x = near_codes(tiny_codec, 700)
+    np.save(tmp_path / "x.npy", x)
+    xm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    np.testing.assert_array_equal(qj.encode(tiny_codec, xm, batch_size=16),
+                                  qj.encode(tiny_codec, x, devices=jax.local_devices()[:1]))
+    x[613, 1] = np.nan
+    with pytest.raises(qj.QincoInputError, match="first bad row is 613"):
+        qj.encode(tiny_codec, x, batch_size=16)

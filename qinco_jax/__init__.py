@@ -2,6 +2,7 @@
 
 Public API:
   QincoConfig, Codec            architecture and trained codec (params + data scale)
+  PQCodec                       PQ-QINCo: optional rotation + one Codec per sub-vector block
   init_codec(cfg, xt)           RQ-initialised codec, ready to train
   encode(codec, x) / decode(codec, codes)
   save(codec, path) / load(path)   orbax directories, training workdirs and official .pt files
@@ -11,10 +12,12 @@ from qinco_jax.checks import QincoInputError
 from qinco_jax.checkpoint import CheckpointError, load, save
 from qinco_jax.codec import Codec, decode, encode, encode_with_error, init_codec
 from qinco_jax.model import QincoConfig
+from qinco_jax.pq import PQCodec
 
 __all__ = [
     "CheckpointError",
     "Codec",
+    "PQCodec",
     "QincoConfig",
     "QincoInputError",
     "decode",

@@ -27,6 +27,9 @@ from qinco_jax.model import QincoConfig
 from qinco_jax.unpickler import check_depth, open_regular
 
 FORMAT = "qinco_jax.codec/1"
+PQ_FORMAT = "qinco_jax.pq/1"  # a PQCodec: sub_0 .. sub_{n-1} codec directories and an optional rotation
+ROTATION = "rotation.npy"
+MAX_SUB_CODECS = 1024
 META = "qinco.json"
 PARAMS = "params"
 BEST = "best"  # a training workdir keeps its best codec here
@@ -42,30 +45,55 @@ def _checkpointer():
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
 
 
-def save(codec: Codec, path, *, overwrite: bool = False) -> str:
-    """Save a codec as a directory (orbax params + qinco.json with config and scale).
-
-    The directory appears complete or not at all: it is written beside the target and renamed.
-    Returns the absolute path.
-    """
-    if not isinstance(codec, Codec):
-        raise TypeError(f"save() expects a qinco_jax.Codec, got {type(codec).__name__}")
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+def _host_params(codec: Codec) -> dict:
+    """The codec's parameters as float32 host arrays, refused when any is not finite."""
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(codec.params))
     bad = nonfinite_param(params)
     if bad:
         raise QincoInputError(f"refusing to save a codec whose parameter {bad} holds NaN or inf values")
+    return params
+
+
+def _write(codec, directory: str, params: list) -> None:
+    """The files of a codec (params: its host parameter trees, one per plain codec) in a new directory."""
+    from qinco_jax.pq import PQCodec
+
+    if isinstance(codec, PQCodec):
+        names = [f"sub_{i}" for i in range(len(codec.codecs))]
+        for name, sub, p in zip(names, codec.codecs, params):
+            os.makedirs(os.path.join(directory, name))
+            _write(sub, os.path.join(directory, name), [p])
+        if codec.rotation is not None:
+            np.save(os.path.join(directory, ROTATION), codec.rotation)
+        meta = {"format": PQ_FORMAT, "codecs": names, "rotation": ROTATION if codec.rotation is not None else None}
+    else:
+        _checkpointer().save(os.path.join(directory, PARAMS), params[0])
+        meta = {"format": FORMAT, "config": codec.config.to_dict(), "scale": codec.scale}
+    with open(os.path.join(directory, META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def save(codec: Codec, path, *, overwrite: bool = False) -> str:
+    """Save a codec (or a PQCodec) as a directory (orbax params + qinco.json with config and scale;
+    a PQCodec: one such directory per sub-codec and rotation.npy).
+
+    The directory appears complete or not at all: it is written beside the target and renamed.
+    Returns the absolute path.
+    """
+    from qinco_jax.pq import PQCodec
+
+    if not isinstance(codec, (Codec, PQCodec)):
+        raise TypeError(f"save() expects a qinco_jax.Codec or PQCodec, got {type(codec).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    params = [_host_params(c) for c in (codec.codecs if isinstance(codec, PQCodec) else (codec,))]
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     recover_save(path)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-        _checkpointer().save(os.path.join(tmp, PARAMS), params)
-        meta = {"format": FORMAT, "config": codec.config.to_dict(), "scale": codec.scale}
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump(meta, f, indent=1)
+        _write(codec, tmp, params)
         if os.path.exists(path):
             old = tmp + ".old"
             os.rename(path, old)
@@ -134,7 +162,7 @@ def read_json(path: str, limits: Limits = limits_mod.DEFAULT, what: str = "metad
 
 def _read_meta(path: str, limits: Limits = limits_mod.DEFAULT) -> dict:
     meta = read_json(os.path.join(path, META), limits, META)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, PQ_FORMAT):
         raise CheckpointError(f"{path}: unknown codec format {short(meta.get('format'))} in {META} (expected {FORMAT!r})")
     return meta
 
@@ -243,8 +271,50 @@ def restore_params(directory: str, shapes: dict, where: str, limits: Limits = li
     return params
 
 
+def _load_rotation(path: str, limits: Limits) -> np.ndarray:
+    """A PQ codec's rotation.npy: a regular file of bounded size holding a finite 2-D float matrix."""
+    f = open_regular(path, limits.max_index_bytes, ROTATION)
+    try:
+        with f:
+            rot = np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot read it as a .npy matrix: {short(str(e), 200)[1:-1]}") from None
+    if rot.ndim != 2 or rot.dtype.kind != "f" or not np.isfinite(rot).all():
+        raise CheckpointError(f"{path}: expected a finite 2-D float matrix, got {rot.shape} {rot.dtype}")
+    return rot
+
+
+def _load_pq_dir(path: str, meta: dict, limits: Limits):
+    """A PQCodec directory: its sub-codec directories (plain codecs, checked as any) and its rotation."""
+    from qinco_jax.pq import PQCodec
+
+    where = os.path.join(path, META)
+    names = meta.get("codecs")
+    if not isinstance(names, list) or not 1 <= len(names) <= MAX_SUB_CODECS:
+        raise CheckpointError(f"{where}: field 'codecs' is {short(names)}, expected a list of sub-codec directories")
+    if names != [f"sub_{i}" for i in range(len(names))]:
+        raise CheckpointError(f"{where}: field 'codecs' must be ['sub_0', 'sub_1', ...], got {short(names)}")
+    codecs = []
+    for name in names:
+        sub = os.path.join(path, name)
+        if _read_meta(sub, limits)["format"] != FORMAT:
+            raise CheckpointError(f"{sub}: a PQ sub-codec must be a plain codec directory")
+        codecs.append(_load_dir(sub, limits))
+    rotation = meta.get("rotation")
+    if rotation is not None:
+        if rotation != ROTATION:
+            raise CheckpointError(f"{where}: field 'rotation' is {short(rotation)}, expected {ROTATION!r} or null")
+        rotation = _load_rotation(os.path.join(path, ROTATION), limits)
+    try:
+        return PQCodec(rotation, tuple(codecs))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: inconsistent PQ codec: {e}") from None
+
+
 def _load_dir(path: str, limits: Limits = limits_mod.DEFAULT) -> Codec:
     meta = _read_meta(path, limits)
+    if meta["format"] == PQ_FORMAT:
+        return _load_pq_dir(path, meta, limits)
     where = os.path.join(path, META)
     cfg = config_from_meta(meta, where, limits)
     scale = scale_from_meta(meta, where)
@@ -270,10 +340,9 @@ def load(path) -> Codec:
     with open_regular(path, limits_mod.DEFAULT.max_file_bytes) as f:  # FIFOs and devices are never read
         head = f.read(4)
     if head.startswith(b"PK") or path.endswith((".pt", ".pth")):
-        from qinco_jax.torch_format import load_pt
+        from qinco_jax.torch_format import load_pt_codec
 
-        cfg, params, scale = load_pt(path)
-        return Codec(cfg, params, scale)
+        return load_pt_codec(path)
     raise CheckpointError(f"{path} is not a qinco_jax codec directory nor a PyTorch QINCo checkpoint")
 
 

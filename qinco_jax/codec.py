@@ -241,12 +241,21 @@ def _pipelined(n, chunk, launch, progress, desc, devices: tuple | None = None):
             bar.update(pending[2])
 
 
+def _composite(codec):
+    """The module of a composite codec (PQ-QINCo), or a TypeError."""
+    from qinco_jax import pq
+
+    checks.codec(codec, CODECS + (pq.PQCodec,))
+    return pq
+
+
 def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False, devices=None):
     """Greedy codes and the per-vector squared reconstruction error (raw units).
 
     Returns (codes (n, cfg.num_codes) of cfg.code_dtype, err (n,) float64).
     """
-    checks.codec(codec, CODECS)
+    if not isinstance(codec, Codec):
+        return _composite(codec).encode_with_error(codec, x, batch_size=batch_size, progress=progress, devices=devices)
     cfg = codec.config
     x = checks.vectors(x, cfg.d)
     n, devs = x.shape[0], local_devices(devices)
@@ -302,7 +311,8 @@ def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool
     Returns:
       (n, d) float32.
     """
-    checks.codec(codec, CODECS)
+    if not isinstance(codec, Codec):
+        return _composite(codec).decode(codec, codes, batch_size=batch_size, progress=progress, devices=devices)
     cfg = codec.config
     codes = checks.codes(codes, cfg.K, cfg.M, nlist=cfg.nlist)
     n, m = codes.shape

@@ -14,7 +14,8 @@ from qinco_jax.checks import CheckpointError, short
 from qinco_jax.model import QincoConfig
 from qinco_jax.unpickler import ModuleRecord, RestrictedUnpickler, read_objects  # noqa: F401  (re-exported)
 
-__all__ = ["CheckpointError", "ModuleRecord", "RestrictedUnpickler", "convert", "load_pt", "read_objects"]
+__all__ = ["CheckpointError", "ModuleRecord", "RestrictedUnpickler", "convert", "load_pt", "load_pt_codec",
+           "read_objects"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,3 +208,52 @@ def load_pt(path) -> tuple[QincoConfig, dict, float]:
     that is not a readable QINCo / QINCo-LR / IVF-QINCo checkpoint; no code from the file is run.
     """
     return convert(read_objects(path))
+
+
+def _opq_matrix(top: ModuleRecord, d_out: int) -> np.ndarray | None:
+    """The PQ_QINCo's optional (d_out, d_in) OPQ matrix: a parameter, or None (registered or plain)."""
+    params = top.state.get("_parameters")
+    params = params if isinstance(params, dict) else {}
+    if params.get("opq_matrix") is None and top.state.get("opq_matrix") is None:
+        return None
+    arr = params.get("opq_matrix")
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2:
+        raise CheckpointError(f"opq_matrix is {type(arr).__name__}, expected a 2-D tensor")
+    return _tensor(top, "opq_matrix", "opq_matrix", (d_out, arr.shape[1]))
+
+
+def convert_pq(obj):
+    """A PQCodec from the unpickled record tree of a PQ_QINCo checkpoint (sub_quantizer_{m}, opq_matrix)."""
+    from qinco_jax.codec import Codec
+    from qinco_jax.pq import PQCodec
+
+    try:
+        mods = obj.state.get("_modules")
+        if not isinstance(mods, dict) or not all(isinstance(k, str) for k in mods):
+            raise CheckpointError("the PQ_QINCo module has no submodules")
+        want = [f"sub_quantizer_{m}" for m in range(len(mods))]
+        if not mods or sorted(mods) != sorted(want):
+            raise CheckpointError(f"the PQ_QINCo module has submodules {sorted(mods)[:6]}, expected sub_quantizer_0..")
+        codecs = []
+        for name in want:
+            try:
+                codecs.append(Codec(*convert(mods[name])))
+            except CheckpointError as e:
+                raise CheckpointError(f"{name}: {e}") from None
+        rotation = _opq_matrix(obj, sum(c.config.d for c in codecs))
+        return PQCodec(rotation, tuple(codecs))
+    except CheckpointError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"malformed PQ_QINCo module in the checkpoint: {type(e).__name__}: {e}") from None
+
+
+def load_pt_codec(path):
+    """A Codec (QINCo, QINCo-LR) or a PQCodec (PQ_QINCo) from an official .pt file, without torch."""
+    from qinco_jax.codec import Codec
+
+    obj = read_objects(path)
+    if isinstance(obj, ModuleRecord) and obj.name == "PQ_QINCo" and isinstance(obj.state, dict):
+        return convert_pq(obj)
+    return Codec(*convert(obj))
+

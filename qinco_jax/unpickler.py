@@ -56,8 +56,8 @@ _TORCH_MODULES = frozenset({
     ("torch.nn.modules.container", "Sequential"), ("torch.nn.modules.container", "ModuleList"),
     ("torch.nn.modules.activation", "ReLU"),
 })
-_QINCO_CLASSES = frozenset({"QINCo", "QINCoLR", "IVFQINCo", "QINCoStep"})
-_UNSUPPORTED = {"PQ_QINCo": "PQ-QINCo"}
+_QINCO_CLASSES = frozenset({"QINCo", "QINCoLR", "IVFQINCo", "QINCoStep", "PQ_QINCo"})
+_UNSUPPORTED: dict = {}  # QINCo v1 classes that are recognised but not loadable (none at present)
 _KEY_RE = re.compile(r"[A-Za-z0-9_.]{1,64}")
 
 
@@ -256,7 +256,7 @@ def resolve_global(module: str, name: str):
             return _record_class(module, name)
         if name in _UNSUPPORTED:
             raise CheckpointError(
-                f"{module}.{name}: {_UNSUPPORTED[name]} checkpoints are not supported (only QINCo, QINCo-LR and IVF-QINCo)"
+                f"{module}.{name}: {_UNSUPPORTED[name]} checkpoints are not supported (only QINCo, QINCo-LR, IVF-QINCo and PQ-QINCo)"
             )
     written, shown = short(written, 120)[1:-1], f"{short(module, 80)[1:-1]}.{short(name, 80)[1:-1]}"
     hint = "" if written == f"{module}.{name}" else f" (written as {written})"

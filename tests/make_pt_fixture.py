@@ -8,7 +8,8 @@ It defines, in a module registered as `model_qinco`, classes with the same names
 and submodule layout as the original QINCo v1 model (spec sections 1.2-1.6), so that
 `torch.save(model, path)` writes the same pickle structure as the official training script
 (IVFQINCo: spec sections 1.7 and 1.9).
-It also stores, per checkpoint, a few scaled input vectors with the torch model's greedy codes
+A PQ_QINCo (two QINCo sub-quantizers with their own db_scale, after an OPQ matrix) is written as
+well. It also stores, per checkpoint, a few scaled input vectors with the torch model's greedy codes
 and the decoded reconstructions of those codes (`*_ref.npz`).
 """
 
@@ -139,6 +140,72 @@ class IVFQINCo(QINCo):
             self.steps.append(step)
 
 
+@_exported
+class PQ_QINCo(nn.Module):
+    """nsub QINCo models over contiguous blocks, after an optional OPQ matrix (d_out, d_in)."""
+
+    def __init__(self, sub_quantizers, opq_matrix=None):
+        nn.Module.__init__(self)
+        self.sub_quantizers = list(sub_quantizers)
+        for m, q in enumerate(self.sub_quantizers):
+            self.add_module(f"sub_quantizer_{m}", q)
+        self.opq_matrix = None if opq_matrix is None else nn.Parameter(torch.from_numpy(opq_matrix))
+        self.db_scale = 1
+
+    def encode(self, x):
+        if self.opq_matrix is not None:
+            x = x @ self.opq_matrix.T
+        codes, xhat, a = [], [], 0
+        for q in self.sub_quantizers:
+            c, xh = q.encode(x[:, a : a + q.d] / q.db_scale)
+            codes.append(c)
+            xhat.append(xh * q.db_scale)
+            a += q.d
+        xhat = torch.cat(xhat, 1)
+        if self.opq_matrix is not None:
+            xhat = xhat @ self.opq_matrix
+        return torch.cat(codes, 1), xhat
+
+    def decode(self, codes):
+        out, a = [], 0
+        for q in self.sub_quantizers:
+            out.append(q.decode(codes[:, a : a + q.M]) * q.db_scale)
+            a += q.M
+        xhat = torch.cat(out, 1)
+        return xhat @ self.opq_matrix if self.opq_matrix is not None else xhat
+
+
+def make_pq(out_dir, name, subs, opq: bool, n=32, seed=5):
+    """A tiny PQ_QINCo of QINCo sub-quantizers (d, K, M, L, h, db_scale), saved with its reference codes."""
+    torch.manual_seed(seed)
+    qs = []
+    for d, K, M, L, h, scale in subs:
+        q = QINCo(d, K, L, M, h)
+        q.db_scale = np.float32(scale)
+        qs.append(q)
+    d_out = sum(s[0] for s in subs)
+    rng = np.random.default_rng(seed)
+    A = np.linalg.qr(rng.normal(size=(d_out, d_out)))[0].astype(np.float32) if opq else None
+    model = PQ_QINCo(qs, A)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    # Rotated-space inputs near each block's first-level codewords (times its scale), plus noise.
+    y = torch.cat([q.codebook0.weight[torch.randint(0, q.K, (n,), generator=gen)] * float(q.db_scale)
+                   + 0.3 * float(q.db_scale) * torch.randn(n, q.d, generator=gen) for q in qs], 1).detach()
+    x = y @ torch.from_numpy(A) if opq else y
+    with torch.no_grad():
+        codes, xhat = model.encode(x)
+        recon = model.decode(codes)
+    torch.save(model, os.path.join(out_dir, f"{name}.pt"))
+    np.savez(
+        os.path.join(out_dir, f"{name}_ref.npz"),
+        x=x.numpy().astype(np.float32), codes=codes.numpy(), recon=recon.numpy().astype(np.float32),
+        encode_xhat=xhat.numpy().astype(np.float32), subs=np.array(subs, np.float64),
+        opq_matrix=A if opq else np.zeros((0, 0), np.float32),
+    )
+    print(f"{name}: PQ_QINCo of {len(qs)} sub-quantizers, opq={opq}, codes[0]={codes[0].tolist()}")
+
+
 def make(cls, out_dir, name, d, K, M, L, h, db_scale, n=24, seed=0, nlist=0):
     """Build, save and reference-encode one tiny model (nlist: the K_IVF of an IVFQINCo)."""
     torch.manual_seed(seed)
@@ -183,6 +250,8 @@ def main():
     for name, kw in fixtures.items():
         if args.only in (None, name):
             make(out_dir=args.out, name=name, **kw)
+    if args.only in (None, "pq_qinco_tiny"):
+        make_pq(args.out, "pq_qinco_tiny", [(8, 16, 3, 1, 8, 3.0), (8, 16, 2, 2, 6, 5.5)], opq=True)
 
 
 if __name__ == "__main__":

@@ -213,9 +213,9 @@ def test_legacy_format_is_named(tmp_path):
         load_pt(path)
 
 
-def test_pq_is_not_supported(tmp_path):
+def test_pq_is_not_a_plain_codec(tmp_path):
     path = write_pt(tmp_path / "x.pt", b"\x80\x02cmodel_qinco\nPQ_QINCo\n)\x81}b.")
-    with pytest.raises(CheckpointError, match="PQ-QINCo checkpoints are not supported"):
+    with pytest.raises(CheckpointError, match="holds a model_qinco.PQ_QINCo, not a QINCo"):
         load_pt(path)
 
 

@@ -102,7 +102,7 @@ def check_inputs(codec: qj.Codec, ds: data.Dataset) -> np.ndarray | None:
     """Dimension, finiteness and ground-truth checks before any long computation; returns the checked gt."""
     if ds.xb is None or ds.xq is None:
         raise QincoInputError(f"{ds.name}: a database and queries are needed for the evaluation")
-    d = codec.config.d
+    d = shape(codec)[0]
     for what, x in (("database", ds.xb), ("queries", ds.xq)):
         if x.shape[1] != d:
             raise QincoInputError(f"the model encodes d={d} vectors but the {what} has dimension d={x.shape[1]}")
@@ -181,9 +181,21 @@ def progressed(chunks, n: int, enabled: bool, desc: str):
             bar.update(x.shape[0])
 
 
+def shape(codec) -> tuple[int, int, int]:
+    """(d, code columns M, K of every code) of a Codec or a PQCodec (whose sub-codecs share one K)."""
+    if isinstance(codec, qj.PQCodec):
+        Ks = {c.config.K for c in codec.codecs}
+        if len(Ks) > 1:
+            raise QincoInputError(f"the PQ sub-codecs have different K {sorted(Ks)}: one code size is needed")
+        return codec.d, codec.M, Ks.pop()
+    return codec.config.d, codec.config.M, codec.config.K
+
+
 def qinco_rd(codec: qj.Codec, codes: np.ndarray, xb, full_mse: float) -> list[float]:
-    """MSE of the m-step reconstructions (the first m code columns), m = 1..M."""
-    M = codec.config.M
+    """MSE of the m-step reconstructions (the first m code columns), m = 1..M (PQ: only m = M)."""
+    M = shape(codec)[1]
+    if isinstance(codec, qj.PQCodec):  # its code columns are not successive refinements
+        return [None] * (M - 1) + [full_mse]
     return [metrics.stream_evaluate(xb, decoded_chunks(codec, codes[:, :m]))[0] for m in range(1, M)] + [full_mse]
 
 
@@ -199,11 +211,12 @@ def evaluate_qinco(codec: qj.Codec, ds: data.Dataset, gt, args) -> tuple[dict, l
     ks = [k for k in KS if k <= n]
     err, I = metrics.stream_evaluate(ds.xb, kept(chunks, args.keep_decoded, n, d), ds.xq, max(ks))
     dec_s = timer[0]
-    row = {"method": "QINCo", "bytes": code_bytes(codec.config.M, codec.config.K), "mse": err}
+    name = "PQ-QINCo" if isinstance(codec, qj.PQCodec) else "QINCo"
+    row = {"method": name, "bytes": code_bytes(*shape(codec)[1:]), "mse": err}
     got = metrics.recalls(I, gt, ks)
     row.update({f"r{k}": got.get(k) for k in KS})
     row.update(encode_us=enc_s / n * 1e6, decode_us=dec_s / n * 1e6, encode_s=enc_s, decode_s=dec_s)
-    log(f"QINCo: MSE {err:.6g}, encode {enc_s:.3g}s, decode {dec_s:.3g}s; rate-distortion (m = 1..M steps)")
+    log(f"{name}: MSE {err:.6g}, encode {enc_s:.3g}s, decode {dec_s:.3g}s; rate-distortion (m = 1..M steps)")
     return row, qinco_rd(codec, codes, ds.xb, err)
 
 
@@ -248,14 +261,15 @@ def faiss_nbits(K: int) -> int:
 
 def rd_curves(codec: qj.Codec, qinco_mses: list[float], rows: list[dict], xt, xb, rd_lsq: bool) -> dict:
     """{method: {'bytes': [...], 'mse': [...]}} at m = 1..M codes of log2(K) bits; m = M is the table's MSE."""
-    M, K = codec.config.M, codec.config.K
+    _, M, K = shape(codec)
     nbytes = [m * math.log2(K) / 8 for m in range(1, M + 1)]
     names = [r["method"] for r in rows if r["method"] != "LSQ" or rd_lsq]
     if names:
         log(f"rate-distortion of {', '.join(names)}: 1..{M - 1} codes")
     known = {r["method"]: r.get("mse") for r in rows}
     mses = baselines.baseline_mse_by_bytes(names, xt, xb, M, faiss_nbits(K), known=known) if names else {}
-    return {"QINCo": {"bytes": nbytes, "mse": qinco_mses}, **{n: {"bytes": nbytes, "mse": m} for n, m in mses.items()}}
+    name = "PQ-QINCo" if isinstance(codec, qj.PQCodec) else "QINCo"
+    return {name: {"bytes": nbytes, "mse": qinco_mses}, **{n: {"bytes": nbytes, "mse": m} for n, m in mses.items()}}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -265,20 +279,28 @@ def describe(args, codec: qj.Codec, ds: data.Dataset, gt_source: str) -> dict:
     """What was evaluated: model, architecture and data sizes."""
     name = args.name or args.dataset or (Path(args.db).stem if args.db else "synthetic")
     return {
-        "model": os.path.abspath(args.model), "config": codec.config.to_dict(), "scale": codec.scale,
+        "model": os.path.abspath(args.model), "codec": repr(codec), **codec_fields(codec),
         "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
         "data": {"name": name, "d": int(ds.xb.shape[1]), "nb": int(ds.xb.shape[0]), "nq": int(ds.xq.shape[0]),
                  "groundtruth": gt_source},
     }
 
 
+def codec_fields(codec) -> dict:
+    """The JSON description of the codec: config and scale, or the PQ sub-codecs' and the rotation's shape."""
+    if isinstance(codec, qj.PQCodec):
+        return {"pq": [{"config": c.config.to_dict(), "scale": c.scale} for c in codec.codecs],
+                "rotation": None if codec.rotation is None else list(codec.rotation.shape)}
+    return {"config": codec.config.to_dict(), "scale": codec.scale}
+
+
 def report_results(res: dict, args) -> None:
     """Print the table; write the JSON and the rate-distortion plot."""
     out = Path(args.out) if args.out else default_out(args.model, res["data"]["name"])
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
-    cfg, dat = res["config"], res["data"]
+    dat = res["data"]
     print(f"\n{dat['name']}: {dat['nb']:,} database vectors, {dat['nq']:,} queries (d={dat['d']}, ground truth: "
-          f"{dat['groundtruth']}); QINCo M={cfg['M']} K={cfg['K']} L={cfg['L']} h={cfg['h']}")
+          f"{dat['groundtruth']}); {res['codec']}")
     print(report.format_table(res["table"], COLUMNS))
     curves = {k: (v["bytes"], v["mse"]) for k, v in res["rate_distortion"].items()}
     try:
@@ -295,7 +317,8 @@ def run(args) -> dict:
     """Evaluate the codec (and the baselines) as the flags say; prints, writes and returns the results."""
     names = baseline_names(args.baselines)
     codec = qj.load(args.model)
-    nbits = faiss_nbits(codec.config.K) if names else None
+    _, M, K = shape(codec)
+    nbits = faiss_nbits(K) if names else None
     ds = load_data(args)
     gt = check_inputs(codec, ds)
     if gt is None:
@@ -304,7 +327,7 @@ def run(args) -> dict:
     res = describe(args, codec, ds, "from the dataset" if ds.gt is not None else "exact search on the raw database")
     row, rd = evaluate_qinco(codec, ds, gt, args)
     xt = baseline_train_set(ds.xt, args.nt_baselines) if names else None
-    rows = baseline_rows(names, xt, ds, gt, codec.config.M, nbits) if names else []
+    rows = baseline_rows(names, xt, ds, gt, M, nbits) if names else []
     res.update(table=[row] + rows, nt_baselines=None if xt is None else int(xt.shape[0]))
     res["rate_distortion"] = rd_curves(codec, rd, rows, xt, ds.xb, args.rd_lsq)
     report_results(res, args)

@@ -99,3 +99,36 @@ def test_pq_codec_validation():
     with pytest.raises(qj.QincoInputError, match="divide d=10"):
         pq.split_dims(10, 3)
     assert len(repr(_pq_codec())) < 100
+
+
+def test_train_pq_with_opq_then_evaluate(tmp_path):
+    import json
+
+    from eval import main as eval_main
+    from qinco_jax import data
+    from train import main as train_main
+
+    wd = tmp_path / "pq"
+    train_main.main(["--nt", "2000", "--nval", "200", "--pq", "2", "--opq", "--M", "2", "--K", "16", "--L", "1",
+                     "--h", "16", "--epochs", "1", "--batch-size", "256", "--workdir", str(wd), "--no-progress"])
+    codec = qj.load(wd)
+    assert isinstance(codec, qj.PQCodec) and codec.M == 4 and codec.d == 32
+    np.testing.assert_array_equal(codec.rotation, np.load(wd / "rotation.npy"))
+    ds = data.synthetic(nt=2000, nval=200, nb=500)
+    # each block was trained on its rotated dimensions, by the ordinary loop
+    block = np.load(wd / "blocks" / "learn_1.npy")
+    np.testing.assert_allclose(block[:2000], (ds.xt @ codec.rotation.T)[:, 16:], rtol=1e-5, atol=1e-4)
+    sub = qj.load(wd / "sub_1")
+    y = ds.xval @ codec.rotation.T
+    np.testing.assert_array_equal(qj.encode(codec, ds.xval)[:, 2:], qj.encode(sub, y[:, 16:]))
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["pq_val_mse"] == pytest.approx(float(qj.encode_with_error(codec, ds.xval)[1].mean()), rel=1e-5)
+    out = tmp_path / "eval.json"
+    eval_main.main(["--model", str(wd), "--dataset", "synthetic", "--nb", "500", "--baselines", "RQ",
+                    "--nt-baselines", "1000", "--out", str(out), "--no-progress"])
+    res = json.loads(out.read_text())
+    row = res["table"][0]
+    assert row["method"] == "PQ-QINCo" and row["bytes"] == 2 and res["rotation"] == [32, 32]
+    xhat = qj.decode(codec, qj.encode(codec, ds.xb))
+    assert row["mse"] == pytest.approx(float(((xhat - ds.xb) ** 2).sum(1).mean()), rel=1e-4)
+    assert res["table"][1]["method"] == "RQ" and res["table"][1]["bytes"] == 2

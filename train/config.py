@@ -26,6 +26,8 @@ class TrainConfig:
     lowrank: bool = False
     ivf: int = 0  # IVF-QINCo with this many centroids (0: plain QINCo); set from the file with ivf_centroids
     ivf_centroids: str | None = None  # IVF centroids (nlist, d), raw units; default: faiss k-means on the training set
+    pq: int | None = None  # PQ-QINCo: this many contiguous sub-vector blocks, one QINCo (of M codes) each
+    opq: bool = False  # PQ-QINCo: a faiss OPQ rotation before the split
     # recipe
     lr: float = 1e-3
     batch_size: int = 1024  # global batch, split over all devices of all processes

@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default: 0, plain QINCo)")
     g.add_argument("--ivf-centroids", metavar="FILE.npy",
                    help="IVF-QINCo with these centroids ((nlist, d), raw units) instead of k-means (default: none)")
+    g.add_argument("--pq", type=int, metavar="NSUB",
+                   help="PQ-QINCo: one QINCo of --M codes per each of NSUB contiguous sub-vector blocks (default: off)")
+    g.add_argument("--opq", action="store_true", default=None, help="PQ-QINCo: a faiss OPQ rotation before the split")
     g = ap.add_argument_group("recipe")
     g.add_argument("--lr", type=float, help="Adam learning rate " + _default("lr"))
     g.add_argument("--batch-size", type=int, help="global batch, a multiple of the device count " + _default("batch_size"))
@@ -164,10 +167,12 @@ def config_from_args(argv=None) -> TrainConfig:
 def main(argv=None) -> None:
     cfg = config_from_args(argv)
     from qinco_jax import QincoInputError
-    from train import loop
+    from train import loop, pq
 
+    if cfg.opq and not cfg.pq:
+        fail("--opq needs --pq NSUB")
     try:
-        loop.run(cfg)
+        pq.run(cfg) if cfg.pq else loop.run(cfg)
     except (QincoInputError, FileExistsError, FileNotFoundError, ValueError, loop.TrainingError) as e:
         fail(str(e))
 

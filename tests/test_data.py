@@ -51,6 +51,35 @@ def test_round_trip_every_format(tmp_path, ext):
     np.testing.assert_array_equal(z, x)
 
 
+def _vecs_io_read(path: Path) -> np.ndarray:
+    """A texmex file read by faiss's own readers (faiss.contrib.vecs_io), independently of ours."""
+    from faiss.contrib import vecs_io
+
+    ext = path.suffix.lower()
+    if ext == ".fvecs":
+        return vecs_io.fvecs_read(str(path))
+    if ext == ".ivecs":
+        return vecs_io.ivecs_read(str(path))
+    return np.array(vecs_io.bvecs_mmap(str(path)))
+
+
+@pytest.mark.parametrize("ext", [".fvecs", ".ivecs", ".bvecs"])
+def test_vecs_files_agree_with_faiss_vecs_io(tmp_path, ext):
+    from faiss.contrib import vecs_io
+
+    x = _matrix(41, 7, FORMATS[ext], seed=3)
+    if ext == ".bvecs":
+        x = np.abs(x.astype(np.int64)).clip(0, 255).astype(np.uint8)
+    path = tmp_path / f"x{ext}"
+    data.write_vectors(path, x)
+    np.testing.assert_array_equal(_vecs_io_read(path), x)  # our writer, faiss's reader
+    if ext != ".bvecs":  # vecs_io writes .fvecs / .ivecs only
+        other = tmp_path / f"w{ext}"
+        (vecs_io.fvecs_write if ext == ".fvecs" else vecs_io.ivecs_write)(str(other), x)
+        assert other.read_bytes() == path.read_bytes()  # byte-identical files
+        np.testing.assert_array_equal(data.read_vectors(other), x)  # faiss's writer, our reader
+
+
 def test_vecs_view_is_strided_over_the_file(tmp_path):
     x = _matrix(10, 4, np.float32)
     data.write_vectors(tmp_path / "x.fvecs", x)
@@ -133,6 +162,7 @@ def test_groundtruth_in_big_ann_knn_result_format(tmp_path):
 def test_real_sift_sample():
     x = data.read_vectors(SHARED_DATA / "sift5k_ngt.fvecs")
     assert x.shape == (5000, 128) and x.dtype == np.float32 and _is_mapped(x)
+    np.testing.assert_array_equal(x, _vecs_io_read(SHARED_DATA / "sift5k_ngt.fvecs"))
     assert x.min() >= 0 and x.max() <= 191 and np.array_equal(x, np.round(x))
 
 
@@ -187,6 +217,10 @@ def test_load_dataset_layouts(tmp_path, layout):
     np.testing.assert_array_equal(ds.xval, files[train][200:250])  # last nval of the first nt + nval
     np.testing.assert_array_equal(ds.xb, files[db])
     assert _is_mapped(ds.xt) and _is_mapped(ds.xb)
+    for rel in (train, db, queries, gt):  # the texmex fixtures, as faiss's own readers see them
+        if rel is not None and Path(rel).suffix in (".fvecs", ".ivecs", ".bvecs"):
+            ours = data.read_groundtruth(tmp_path / rel) if rel == gt else data.read_vectors(tmp_path / rel)
+            np.testing.assert_array_equal(_vecs_io_read(tmp_path / rel), ours)
     assert (ds.gt is None) == (gt is None)
     if gt is not None:
         assert ds.gt.shape == (7, 10) and ds.gt.max() < 120

@@ -119,3 +119,42 @@ def test_plateau_ties_never_reduce():
     assert set(_ours([10.0] + [9.0] * 100, 1e-3)) == {1e-3}
     lrs = _ours([10.0] + [9.0] + [9.5] * 30, 1e-3)
     assert lrs[10] == 1e-3 and lrs[11] == pytest.approx(1e-4)  # 10 values above the best, then the cut
+
+
+def _reference_loss(params, codes, x, L, lowrank):
+    """The original's loss in float64 numpy with the codes fixed: sum over prefixes of the squared
+    errors, divided by B * d (tests/reference.py's independent decoder)."""
+    import reference
+
+    total = sum(((reference.decode(params, codes[:, :m], L, lowrank) - x) ** 2).sum() for m in range(1, codes.shape[1] + 1))
+    return total / x.size
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_gradient_matches_float64_finite_differences(lowrank):
+    import qinco_jax as qj
+
+    cfg = qj.QincoConfig(d=6, K=8, M=3, L=2, h=5, lowrank=lowrank)
+    codec = random_codec(cfg, seed=4, scale=1.0)
+    x = near_codes(codec, 40, seed=5, noise=0.3).astype(np.float64)
+    w = np.ones(len(x), np.float32)
+    grads = jax.grad(lambda p: training.loss_terms(cfg, p, x.astype(np.float32), w)[0] / x.size)(codec.params)
+    codes = np.asarray(training.greedy_codes(cfg, codec.params, x.astype(np.float32)))
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), codec.params)
+    leaves, treedef = jax.tree_util.tree_flatten(p64)
+    g_leaves = [np.asarray(g) for g in jax.tree_util.tree_leaves(grads)]
+    rng = np.random.default_rng(0)
+    eps, checked = 1e-6, 0
+    for i, leaf in enumerate(leaves):
+        for j in rng.choice(leaf.size, min(4, leaf.size), replace=False):
+            fd = []
+            for sign in (1, -1):
+                moved = [a.copy() for a in leaves]
+                moved[i].flat[j] += sign * eps
+                fd.append(_reference_loss(jax.tree_util.tree_unflatten(treedef, moved), codes, x, cfg.L, lowrank))
+            num = (fd[0] - fd[1]) / (2 * eps)
+            assert g_leaves[i].flat[j] == pytest.approx(num, rel=2e-3, abs=1e-6), (i, j)
+            checked += 1
+    assert checked > 40
+    # the gradient does reach every kind of parameter
+    assert all(np.abs(g).max() > 0 for g in g_leaves)

@@ -171,6 +171,8 @@ def main(argv=None) -> None:
 
     if cfg.opq and not cfg.pq:
         fail("--opq needs --pq NSUB")
+    if cfg.pq and (cfg.ivf or cfg.ivf_centroids):
+        fail("--pq and --ivf cannot be combined (PQ-QINCo sub-quantizers are plain QINCo)")
     try:
         pq.run(cfg) if cfg.pq else loop.run(cfg)
     except (QincoInputError, FileExistsError, FileNotFoundError, ValueError, loop.TrainingError) as e:

@@ -34,6 +34,7 @@ class TrainConfig:
     epochs: int = 1000
     seed: int = 1234
     rq_beam_size: int = 1
+    baseline_nt: int = 100_000  # the end-of-run faiss RQ baselines train on at most this many vectors (0: none)
     rq_nt: int = 1_000_000  # the RQ initialisation trains on at most this many training vectors (as QINCo2)
     persistent_adam: bool = False  # the original re-creates Adam every epoch
     # run

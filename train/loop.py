@@ -121,16 +121,13 @@ def val_mse(codec: qj.Codec, xval) -> float:
     return float(qj.encode_with_error(codec, xval)[1].mean())
 
 
-RQ_BASELINE_NT = 100_000  # bounds the end-of-run baselines' training time and memory (beam 5) on large sets
-
-
-def rq_val_mse(xt, xval, M: int, K: int, beam: int, ivf: qj.Codec | None = None) -> float:
+def rq_val_mse(xt, xval, M: int, K: int, beam: int, ivf: qj.Codec | None = None, nt: int = 100_000) -> float:
     """MSE on xval of a faiss ResidualQuantizer of the same size trained on (a sample of at most 100k of) xt.
 
     With an IVF codec, the baseline is IVF-RQ: the same centroids and assignment, and the RQ trained
     on and applied to the residuals x - c[assign] (the same code size as IVF-QINCo).
     """
-    xt = data.sample_rows(xt, RQ_BASELINE_NT)
+    xt = data.sample_rows(xt, nt)
     xv = np.array(xval, np.float32)
     if ivf is not None:
         c = ivf.ivf_centroids
@@ -368,6 +365,8 @@ def summary_table(res: dict, n_val: int, mcfg: qj.QincoConfig) -> list[str]:
     base = res.get("baseline", "faiss RQ")
     rows = [(f"{name} (best epoch {res['best_epoch']})", res["qinco_val_mse"], "")]
     for beam in (1, 5):
+        if f"rq_beam{beam}_val_mse" not in res:  # --baseline-nt 0
+            continue
         r = res[f"rq_beam{beam}_val_mse"]
         if r > 0:
             gain = 100 * (1 - res["qinco_val_mse"] / r)
@@ -392,10 +391,11 @@ def summarize(cfg: TrainConfig, ds: data.Dataset, state: LoopState, workdir: str
     ivf = best if mcfg.nlist else None
     base = f"faiss IVF{mcfg.nlist}-RQ" if ivf else "faiss RQ"  # IVF: same centroids, RQ of the residuals
     res["baseline"] = base
-    for beam in (1, 5):
-        res[f"rq_beam{beam}_val_mse"] = rq_val_mse(ds.xt, ds.xval, mcfg.M, mcfg.K, beam, ivf)
+    beams = (1, 5) if cfg.baseline_nt > 0 else ()  # --baseline-nt 0: no baselines
+    for beam in beams:
+        res[f"rq_beam{beam}_val_mse"] = rq_val_mse(ds.xt, ds.xval, mcfg.M, mcfg.K, beam, ivf, cfg.baseline_nt)
     if jax.process_index() == 0:
-        rq = {f"{base}, beam {b}": res[f"rq_beam{b}_val_mse"] for b in (1, 5)}
+        rq = {f"{base}, beam {b}": res[f"rq_beam{b}_val_mse"] for b in beams}
         if plot_metrics(read_metrics(workdir, log), os.path.join(workdir, PLOT), rq):
             log(f"plot: {os.path.join(workdir, PLOT)}")
         write_json(os.path.join(workdir, SUMMARY), res)  # last: its presence marks a finished run

@@ -160,3 +160,20 @@ def test_split_file(tmp_path):
     assert all(np.array_equal(again[p], parts[p]) for p in split_file.PARTS)
     with pytest.raises(SystemExit, match="cannot split 100 rows"):
         split_file.main([str(tmp_path / "x.fvecs"), "--out", str(tmp_path / "p2"), "--nt", "90", "--nb", "20"])
+
+
+def test_named_dataset_without_training_file(files, tmp_path):
+    """`--dataset NAME` without --baselines reads only the database, the queries and the ground truth."""
+    root = tmp_path / "data"
+    (root / "sift").mkdir(parents=True)
+    for rel, key in (("sift/sift_base.fvecs", "db"), ("sift/sift_query.fvecs", "queries"),
+                     ("sift/sift_groundtruth.ivecs", "gt")):
+        (root / rel).write_bytes(files[key].read_bytes())
+    out = tmp_path / "res.json"
+    eval_main.main(["--model", str(files["root"] / "codec"), "--dataset", "sift1M", "--data-dir", str(root),
+                    "--out", str(out), "--no-progress"])
+    res = json.loads(out.read_text())
+    assert res["data"]["nb"] == NB and res["data"]["groundtruth"] == "from the dataset"
+    with pytest.raises(SystemExit, match="no train file found"):  # the baselines do need it
+        eval_main.main(["--model", str(files["root"] / "codec"), "--dataset", "sift1M", "--data-dir", str(root),
+                        "--baselines", "RQ", "--out", str(out), "--no-progress"])

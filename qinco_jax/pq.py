@@ -14,6 +14,7 @@ import numpy as np
 
 from qinco_jax import checks
 from qinco_jax.codec import Codec
+from qinco_jax.progress import Progress
 
 CHUNK = 65536  # input rows rotated and split at a time
 
@@ -104,18 +105,19 @@ def encode_with_error(codec: PQCodec, x, *, batch_size=None, progress=False, dev
     n = x.shape[0]
     codes = np.empty((n, codec.M), codec.code_dtype)
     err = np.zeros(n, np.float64)
-    for i in range(0, n, CHUNK):
-        block = np.asarray(x[i : i + CHUNK])
-        checks.finite_chunk(block, i)
-        y = _rotated(codec, block)
-        for sub, (a, b), (ca, cb) in zip(codec.codecs, codec.blocks(), codec.code_columns()):
-            c, e = codec_mod.encode_with_error(sub, y[:, a:b], batch_size=batch_size, devices=devices,
-                                               progress=progress and n > CHUNK)
-            codes[i : i + len(block), ca:cb] = c
-            err[i : i + len(block)] += e
-        if codec.rotation is not None:  # the error of the un-rotated reconstruction (exact for any matrix)
-            xhat = decode(codec, codes[i : i + len(block)], batch_size=batch_size, devices=devices)
-            err[i : i + len(block)] = ((xhat.astype(np.float64) - block.astype(np.float64)) ** 2).sum(1)
+    with Progress(n, desc="encode", enabled=progress) as bar:
+        for i in range(0, n, CHUNK):
+            block = np.asarray(x[i : i + CHUNK])
+            checks.finite_chunk(block, i)
+            y = _rotated(codec, block)
+            for sub, (a, b), (ca, cb) in zip(codec.codecs, codec.blocks(), codec.code_columns()):
+                c, e = codec_mod.encode_with_error(sub, y[:, a:b], batch_size=batch_size, devices=devices)
+                codes[i : i + len(block), ca:cb] = c
+                err[i : i + len(block)] += e
+            if codec.rotation is not None:  # the error of the un-rotated reconstruction (exact for any matrix)
+                xhat = decode(codec, codes[i : i + len(block)], batch_size=batch_size, devices=devices)
+                err[i : i + len(block)] = ((xhat.astype(np.float64) - block.astype(np.float64)) ** 2).sum(1)
+            bar.update(len(block))
     return codes, err
 
 
@@ -129,11 +131,13 @@ def decode(codec: PQCodec, codes, *, batch_size=None, progress=False, devices=No
             f"PQ-QINCo codes must have shape (n, {codec.M}) (all sub-codecs' codes), got {codes.shape}")
     n = codes.shape[0]
     out = np.empty((n, codec.d), np.float32)
-    for i in range(0, n, CHUNK):
-        y = np.empty((min(CHUNK, n - i), codec.d_out), np.float32)
-        for sub, (a, b), (ca, cb) in zip(codec.codecs, codec.blocks(), codec.code_columns()):
-            y[:, a:b] = codec_mod.decode(sub, codes[i : i + CHUNK, ca:cb], batch_size=batch_size, devices=devices)
-        out[i : i + len(y)] = y if codec.rotation is None else y @ codec.rotation
+    with Progress(n, desc="decode", enabled=progress) as bar:
+        for i in range(0, n, CHUNK):
+            y = np.empty((min(CHUNK, n - i), codec.d_out), np.float32)
+            for sub, (a, b), (ca, cb) in zip(codec.codecs, codec.blocks(), codec.code_columns()):
+                y[:, a:b] = codec_mod.decode(sub, codes[i : i + CHUNK, ca:cb], batch_size=batch_size, devices=devices)
+            out[i : i + len(y)] = y if codec.rotation is None else y @ codec.rotation
+            bar.update(len(y))
     return out
 
 

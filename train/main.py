@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
                    help="IVF-QINCo with these centroids ((nlist, d), raw units) instead of k-means (default: none)")
     g.add_argument("--pq", type=int, metavar="NSUB",
                    help="PQ-QINCo: one QINCo of --M codes per each of NSUB contiguous sub-vector blocks (default: off)")
-    g.add_argument("--opq", action="store_true", default=None, help="PQ-QINCo: a faiss OPQ rotation before the split")
+    g.add_argument("--opq", action="store_true", default=None,
+                   help="PQ-QINCo: a faiss OPQ rotation before the split (default: off)")
     g = ap.add_argument_group("recipe")
     g.add_argument("--lr", type=float, help="Adam learning rate " + _default("lr"))
     g.add_argument("--batch-size", type=int, help="global batch, a multiple of the device count " + _default("batch_size"))

@@ -21,9 +21,9 @@ import numpy as np
 
 from qinco_jax import limits as limits_mod
 from qinco_jax.checks import CheckpointError, QincoInputError, short
-from qinco_jax.codec import Codec, param_shapes
+from qinco_jax.codec import Codec, Norm, param_shapes
 from qinco_jax.limits import Limits
-from qinco_jax.model import QincoConfig
+from qinco_jax.model import VARIANTS, QincoConfig
 from qinco_jax.unpickler import check_depth, open_regular
 
 FORMAT = "qinco_jax.codec/1"
@@ -69,6 +69,8 @@ def _write(codec, directory: str, params: list) -> None:
     else:
         _checkpointer().save(os.path.join(directory, PARAMS), params[0])
         meta = {"format": FORMAT, "config": codec.config.to_dict(), "scale": codec.scale}
+        if codec.shift is not None:
+            meta["shift"] = [float(v) for v in codec.shift]
     with open(os.path.join(directory, META), "w") as f:
         json.dump(meta, f, indent=1)
 
@@ -175,21 +177,34 @@ def _int_field(d: dict, key: str, where: str) -> int:
 
 
 def config_from_meta(meta: dict, where: str, limits: Limits = limits_mod.DEFAULT) -> QincoConfig:
-    """The 'config' field of codec metadata as a QincoConfig, every field checked, size within budget."""
+    """The 'config' field of codec metadata as a QincoConfig, every field checked, size within budget.
+
+    The IVF (nlist) and QINCo2 fields (variant, de, A, B) are optional: codecs saved before them are
+    plain QINCo v1.
+    """
     raw = meta.get("config")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: field 'config' is {short(raw)}, expected an object")
-    names = ("d", "K", "M", "L", "h", "lowrank", "nlist")  # nlist (IVF) is optional: older files are plain
-    extra = sorted(k for k in raw if k not in names)
+    names = ("d", "K", "M", "L", "h", "lowrank")
+    optional = ("nlist", "variant", "de", "A", "B")  # absent from older (plain, QINCo v1) files
+    extra = sorted(k for k in raw if k not in names + optional)
     if extra:
         raise CheckpointError(f"{where}: unknown field config.{short(extra[0])[1:-1]}")
-    values = {k: _int_field(raw, k, where + ": config") for k in names[:5]}
-    if "nlist" in raw:
-        values["nlist"] = _int_field(raw, "nlist", where + ": config")
+    values = {k: _int_field(raw, k, where + ": config") for k in names[:-1]}
     if not isinstance(raw.get("lowrank"), bool):
         raise CheckpointError(f"{where}: field config.lowrank is {short(raw.get('lowrank'))}, expected true or false")
+    values["lowrank"] = raw["lowrank"]
+    for k in ("nlist", "A", "B"):
+        if k in raw:
+            values[k] = _int_field(raw, k, where + ": config")
+    if "de" in raw and raw["de"] is not None:
+        values["de"] = _int_field(raw, "de", where + ": config")
+    if "variant" in raw:
+        if raw["variant"] not in VARIANTS:
+            raise CheckpointError(f"{where}: field config.variant is {short(raw['variant'])}, expected one of {VARIANTS}")
+        values["variant"] = raw["variant"]
     try:
-        cfg = QincoConfig(**values, lowrank=raw["lowrank"])
+        cfg = QincoConfig(**values)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: config: {e}") from None
     limits_mod.check_config(cfg, where, limits)
@@ -204,6 +219,19 @@ def scale_from_meta(meta: dict, where: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise CheckpointError(f"{where}: field 'scale' is {short(value)}, expected a positive finite number")
     return float(value)
+
+
+def norm_from_meta(meta: dict, cfg: QincoConfig, where: str) -> Norm:
+    """The normalisation: 'scale', and 'shift' (d finite numbers) when present (QINCo2 codecs)."""
+    scale = scale_from_meta(meta, where)
+    if "shift" not in meta:
+        return Norm(None, scale)
+    shift = meta["shift"]
+    if not isinstance(shift, list) or len(shift) != cfg.d:
+        raise CheckpointError(f"{where}: field 'shift' is {short(shift)}, expected a list of d={cfg.d} numbers")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in shift):
+        raise CheckpointError(f"{where}: field 'shift' holds a value that is not a finite number")
+    return Norm(np.asarray(shift, np.float32), scale)
 
 
 def check_files(path: str, limits: Limits = limits_mod.DEFAULT) -> None:
@@ -317,10 +345,10 @@ def _load_dir(path: str, limits: Limits = limits_mod.DEFAULT) -> Codec:
         return _load_pq_dir(path, meta, limits)
     where = os.path.join(path, META)
     cfg = config_from_meta(meta, where, limits)
-    scale = scale_from_meta(meta, where)
+    norm = norm_from_meta(meta, cfg, where)
     params = restore_params(os.path.join(path, PARAMS), param_shapes(cfg), path, limits)
     try:
-        return Codec(cfg, params, scale)
+        return Codec(cfg, params, norm)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: inconsistent checkpoint: {e}") from None
 

@@ -23,23 +23,47 @@ AXIS = "batch"  # the device axis of the pmap-ed encode / decode (and train step
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Codec:
-    """A trained QINCo codec: architecture, parameters (scaled domain) and the data scale.
+class Norm:
+    """How raw vectors map to the model's domain: x_model = (x - shift) / scale.
 
-    Inputs are divided by `scale` before the model sees them; reconstructions are multiplied back.
+    QINCo v1: shift None (0) and scale the data scale (db_scale); QINCo2: shift the per-dimension
+    mean and scale one scalar std (spec 3.4).
     """
 
-    config: QincoConfig
-    params: Any
+    shift: np.ndarray | None
     scale: float
 
     def __post_init__(self):
-        if not isinstance(self.config, QincoConfig):
-            raise TypeError(f"config must be a QincoConfig, got {type(self.config).__name__}")
         s = float(self.scale)
         if not np.isfinite(s) or s <= 0:
             raise ValueError(f"scale must be a positive finite number, got {self.scale!r}")
         object.__setattr__(self, "scale", s)
+        if self.shift is not None:
+            shift = np.asarray(self.shift, np.float32)
+            if shift.ndim != 1 or not np.isfinite(shift).all():
+                raise ValueError(f"shift must be a finite vector, got shape {shift.shape}")
+            object.__setattr__(self, "shift", shift)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Codec:
+    """A trained QINCo codec: architecture, parameters (normalised domain) and the normalisation.
+
+    Inputs are mapped to (x - shift) / scale before the model sees them; reconstructions back.
+    `norm` may be given as a number: the scale of a QINCo v1 codec (no shift).
+    """
+
+    config: QincoConfig
+    params: Any
+    norm: Norm
+
+    def __post_init__(self):
+        if not isinstance(self.config, QincoConfig):
+            raise TypeError(f"config must be a QincoConfig, got {type(self.config).__name__}")
+        norm = self.norm if isinstance(self.norm, Norm) else Norm(None, self.norm)
+        if norm.shift is not None and norm.shift.shape != (self.config.d,):
+            raise ValueError(f"shift has shape {norm.shift.shape}, expected ({self.config.d},)")
+        object.__setattr__(self, "norm", norm)
         check_params(self.config, self.params)
 
     def __repr__(self) -> str:
@@ -51,18 +75,27 @@ class Codec:
                 f"{c.num_params():,} parameters)")
 
     @property
+    def scale(self) -> float:
+        return self.norm.scale
+
+    @property
+    def shift(self) -> np.ndarray | None:
+        return self.norm.shift
+
+    @property
     def ivf_centroids(self) -> np.ndarray | None:
         """(nlist, d) float32 IVF centroids in raw units; None for a plain QINCo codec."""
         if not self.config.nlist:
             return None
-        return np.asarray(self.params["codebook0"], np.float32) * np.float32(self.scale)
+        c = np.asarray(self.params["codebook0"], np.float32) * np.float32(self.scale)
+        return c if self.shift is None else c + self.shift
 
 
 def _init(cfg: QincoConfig, key):
     """Qinco(cfg).init: through encode for plain QINCo (as always), through decode for IVF (creating
     the same parameters without running the nearest-centroid scan eagerly)."""
     if cfg.nlist:
-        return Qinco(cfg).init(key, jnp.zeros((1, cfg.num_codes), jnp.int32), method=Qinco.decode)
+        return Qinco(cfg).init(key, jnp.zeros((1, cfg.num_codes), jnp.int32), method=Qinco.decode_all)
     return Qinco(cfg).init(key, jnp.zeros((1, cfg.d)), method=Qinco.encode)
 
 
@@ -99,7 +132,8 @@ def init_params(cfg: QincoConfig, key: jax.Array) -> dict:
 
 
 def with_codebooks(params: dict, codebooks: np.ndarray, centroids: np.ndarray | None = None) -> dict:
-    """Replace the codebooks of a parameter tree (scaled domain).
+    """Replace the codebooks of a parameter tree (normalised domain); pre-selection codebooks, where
+    the steps have them, get the same values (QINCo2 spec 1.2).
 
     Plain QINCo: codebooks (M, K, d) go to codebook0, step_1 .. step_{M-1}. IVF-QINCo: centroids
     (nlist, d) go to codebook0 and codebooks (M, K, d) to step_1 .. step_M.
@@ -112,12 +146,68 @@ def with_codebooks(params: dict, codebooks: np.ndarray, centroids: np.ndarray | 
     for m, cb in enumerate(rest, start=1):
         step = dict(params[f"step_{m}"])
         step["codebook"] = jnp.asarray(cb, jnp.float32)
+        if "presel_codebook" in step:
+            step["presel_codebook"] = step["codebook"]
         params[f"step_{m}"] = step
     return params
 
 
-def _sub_batch(cfg: QincoConfig, chunk: int) -> int:
-    return min(chunk, max(1, SUB_ELEMS // (cfg.K * max(cfg.d, cfg.h))))
+def identity_steps(cfg: QincoConfig, params: dict) -> dict:
+    """Parameters whose every step returns its codeword, f(c, xhat) = c exactly, so that decoding
+    is the plain RQ of the codebooks (`--init rq-exact`).
+
+    QINCo v1: the concat block and every block's down-projection are zero. QINCo2: the
+    codeword half of the concat block is -I, cancelling z0 = P_in c exactly (its xhat half, its
+    bias and the down-projections are zero), so the outer skip alone remains.
+    """
+    params = jax.tree.map(np.array, jax.device_get(params))  # writable host copies
+    for m in range(1, cfg.num_codes):
+        step = params[f"step_{m}"]
+        for l in range(cfg.L):
+            step[f"block_{l}"]["down"]["kernel"][:] = 0
+        if cfg.variant == "qinco2":
+            step["concat"]["kernel"][:] = 0
+            step["concat"]["kernel"][: cfg.emb] = -np.eye(cfg.emb, dtype=np.float32)
+            step["concat"]["bias"][:] = 0
+        elif cfg.lowrank:
+            step["concat_out"]["kernel"][:] = 0
+        else:
+            step["concat"]["kernel"][:] = 0
+            step["concat"]["bias"][:] = 0
+    return params
+
+
+def search_policy(cfg: QincoConfig, beam: int | None = None, candidates: int | None = None) -> tuple[int, int]:
+    """(A, B) of an encode: the requested candidates per beam and beam width, else the codec's own.
+
+    Raises QincoInputError for a beam below 1, candidates outside [0, K], or candidates > 0 on a
+    model without pre-selection codebooks (trained with A = 0; the original refuses it too).
+    """
+    A = cfg.A if candidates is None else candidates
+    B = cfg.B if beam is None else beam
+    for name, v in (("beam", B), ("candidates", A)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise checks.QincoInputError(f"{name} must be an int, got {v!r}")
+    A, B = int(A), int(B)
+    if B < 1:
+        raise checks.QincoInputError(f"beam must be >= 1 (1 is greedy), got {B}")
+    if A < 0 or A > cfg.K:
+        raise checks.QincoInputError(f"candidates must be between 0 (all codes) and K={cfg.K}, got {A}")
+    if A and not cfg.preselect:
+        raise checks.QincoInputError(
+            f"candidates={A} asks for pre-selection, but this model was trained without it (A=0) and has no "
+            "pre-selection codebooks; use candidates=0 (all K codes)"
+        )
+    return A, B
+
+
+def _sub_batch(cfg: QincoConfig, chunk: int, A: int | None = None, B: int | None = None) -> int:
+    """Vectors per inner sub-batch: B * (A or K) candidates of width max(d, de, h) stay cache-sized,
+    whatever the search."""
+    A = cfg.A if A is None else A
+    B = cfg.B if B is None else B
+    evals = B * (A or cfg.K)
+    return min(chunk, max(1, SUB_ELEMS // (evals * max(cfg.d, cfg.emb, cfg.h))))
 
 
 def _chunk(requested: int | None, n: int) -> int:
@@ -127,10 +217,10 @@ def _chunk(requested: int | None, n: int) -> int:
     return min(requested, 1 << max(0, n - 1).bit_length())
 
 
-def _encode_chunk(cfg: QincoConfig, requested: int | None, n: int) -> int:
+def _encode_chunk(cfg: QincoConfig, requested: int | None, n: int, A: int | None = None, B: int | None = None) -> int:
     """Vectors per jitted encode call: see _chunk, rounded up to a multiple of the inner sub-batch."""
     chunk = _chunk(requested, n)
-    sub = _sub_batch(cfg, chunk)
+    sub = _sub_batch(cfg, chunk, A, B)
     return -(-chunk // sub) * sub
 
 
@@ -182,12 +272,13 @@ def _joined(out, devices: tuple | None):
 
 
 @functools.lru_cache(maxsize=64)
-def _encode_fn(cfg: QincoConfig, chunk: int, devices: tuple):
-    """Encode `chunk` vectors per device per call."""
-    model, sub = Qinco(cfg), _sub_batch(cfg, chunk)
+def _encode_fn(cfg: QincoConfig, chunk: int, devices: tuple, A: int | None = None, B: int | None = None):
+    """Encode `chunk` vectors per device per call, with the search (A, B) (default the config's)."""
+    A, B = search_policy(cfg, B, A)
+    model, sub = Qinco(cfg), _sub_batch(cfg, chunk, A, B)
 
     def one(params, x_BD, code0_B=None):
-        codes, xhat = model.apply({"params": params}, x_BD, code0_B, method=Qinco.encode)
+        codes, xhat = model.apply({"params": params}, x_BD, code0_B, A=A, B=B, method=Qinco.encode)
         return codes, jnp.sum(jnp.square(xhat - x_BD), axis=-1)
 
     def run(params, x):
@@ -249,26 +340,32 @@ def _composite(codec):
     return pq
 
 
-def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False, devices=None):
-    """Greedy codes and the per-vector squared reconstruction error (raw units).
+def encode_with_error(codec: Codec, x, *, beam: int | None = None, candidates: int | None = None,
+                      batch_size: int | None = None, progress: bool = False, devices=None):
+    """Codes and the per-vector squared reconstruction error (raw units).
 
-    Returns (codes (n, cfg.num_codes) of cfg.code_dtype, err (n,) float64).
+    Returns (codes (n, cfg.num_codes) of cfg.code_dtype, err (n,) float64). See encode() for the arguments.
     """
     if not isinstance(codec, Codec):
         return _composite(codec).encode_with_error(codec, x, batch_size=batch_size, progress=progress, devices=devices)
     cfg = codec.config
+    A, B = search_policy(cfg, beam, candidates)
     x = checks.vectors(x, cfg.d)
     n, devs = x.shape[0], local_devices(devices)
-    chunk = _encode_chunk(cfg, batch_size, -(-n // len(devs)))
+    chunk = _encode_chunk(cfg, batch_size, -(-n // len(devs)), A, B)
     step = chunk * len(devs)  # vectors per call, split evenly over the devices
-    fn = _encode_fn(cfg, chunk, devs)
+    search = () if (A, B) == (cfg.A, cfg.B) else (A, B)  # the codec's own search shares its compilation
+    fn = _encode_fn(cfg, chunk, devs, *search)
     params = replicate(codec.params, devs)
     inv = np.float32(1.0 / codec.scale)
+    shift = codec.shift
     codes = np.empty((n, cfg.num_codes), cfg.code_dtype)
     err = np.empty(n, np.float64)
 
     def launch(start, stop):
         block = np.asarray(x[start:stop], dtype=np.float32)
+        if shift is not None:
+            block = block - shift
         checks.encodable_chunk(block, start, codec.scale)
         return fn(params, _split(_pad(block * inv, step), devs))
 
@@ -279,13 +376,18 @@ def encode_with_error(codec: Codec, x, *, batch_size: int | None = None, progres
     return codes, err
 
 
-def encode(codec: Codec, x, *, batch_size: int | None = None, progress: bool = False, devices=None) -> np.ndarray:
-    """Greedy QINCo codes of x.
+def encode(codec: Codec, x, *, beam: int | None = None, candidates: int | None = None,
+           batch_size: int | None = None, progress: bool = False, devices=None) -> np.ndarray:
+    """QINCo codes of x: beam search with candidate pre-selection (greedy for beam=1, candidates=0).
 
     Args:
       codec: the codec.
       x: (n, d) array of any real dtype (a memmap is read chunk by chunk), raw units.
-      batch_size: vectors per jitted call and device (memory is bounded by it, whatever n).
+      beam: beam width B (default the codec's own: 1 for QINCo v1).
+      candidates: codes pre-selected per beam with the cheap codebook, A (default the codec's own;
+        0 evaluates all K codes; > 0 needs a model trained with pre-selection).
+      batch_size: vectors per jitted call and device (memory is bounded by it and by the search size,
+        whatever n).
       progress: show a progress bar on stderr.
       devices: the devices to use (default: all local devices; each call's vectors are split over them).
 
@@ -293,7 +395,8 @@ def encode(codec: Codec, x, *, batch_size: int | None = None, progress: bool = F
       (n, cfg.num_codes) codes of cfg.code_dtype: (n, M) for plain QINCo, uint8 when K <= 256 else
       uint16; (n, 1 + M) for IVF-QINCo, column 0 the list id (the dtype holds max(K, nlist)).
     """
-    return encode_with_error(codec, x, batch_size=batch_size, progress=progress, devices=devices)[0]
+    return encode_with_error(codec, x, beam=beam, candidates=candidates, batch_size=batch_size, progress=progress,
+                             devices=devices)[0]
 
 
 def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool = False,
@@ -330,11 +433,14 @@ def decode(codec: Codec, codes, *, batch_size: int | None = None, progress: bool
         stop = min(n, start + step)
         out[start:stop] = xhat[: stop - start]
     out *= np.float32(codec.scale)
+    if codec.shift is not None:
+        out += codec.shift
     return out
 
 
-def _assign_scaled(c_scaled: np.ndarray, x, inv: np.float32, batch_size, progress: bool, what: str) -> np.ndarray:
-    """Nearest row of c_scaled for each row of x * inv, streamed in chunks (int64 ids)."""
+def _assign_scaled(c_scaled: np.ndarray, x, inv: np.float32, batch_size, progress: bool, what: str,
+                   shift: np.ndarray | None = None) -> np.ndarray:
+    """Nearest row of c_scaled for each row of (x - shift) * inv, streamed in chunks (int64 ids)."""
     x = checks.vectors(x, c_scaled.shape[1], what)
     n = x.shape[0]
     chunk = _chunk(batch_size, n)
@@ -344,6 +450,8 @@ def _assign_scaled(c_scaled: np.ndarray, x, inv: np.float32, batch_size, progres
     def launch(start, stop):
         block = np.asarray(x[start:stop], dtype=np.float32)
         checks.finite_chunk(block, start, what)
+        if shift is not None:
+            block = block - shift
         return _assign_fn(c, _pad(block * inv, chunk))
 
     for start, ids in _pipelined(n, chunk, launch, progress, "assign"):
@@ -360,7 +468,7 @@ def ivf_assign(codec: Codec, x, *, batch_size: int | None = None, progress: bool
     if not codec.config.nlist:
         raise checks.QincoInputError("ivf_assign needs an IVF-QINCo codec (config.nlist > 0)")
     inv = np.float32(1.0 / codec.scale)
-    return _assign_scaled(np.asarray(codec.params["codebook0"]), x, inv, batch_size, progress, "x")
+    return _assign_scaled(np.asarray(codec.params["codebook0"]), x, inv, batch_size, progress, "x", codec.shift)
 
 
 def data_scale(xt) -> float:
@@ -376,21 +484,31 @@ def data_scale(xt) -> float:
 
 
 RQ_NT = 1_000_000  # the RQ initialisation trains on at most this many vectors (as QINCo2)
+NORM_NT = 100_000  # QINCo2 normalisation statistics come from the first 100k training vectors
 
 
-def init_codec(
-    cfg: QincoConfig,
-    xt,
-    *,
-    seed: int = 0,
-    rq_beam_size: int = 1,
-    scale: float | None = None,
-    centroids=None,
-    rq_nt: int = RQ_NT,
-) -> Codec:
-    """A codec initialised as the original: RQ codebooks trained on xt (raw units) divided by the
-    data scale, and torch-default random linear layers.
+def mean_std(xt) -> Norm:
+    """QINCo2's normalisation (spec 3.4): per-dimension mean, one scalar std over all entries."""
+    x = np.asarray(xt[:NORM_NT], np.float64)
+    mean = x.mean(axis=0)
+    std = float(np.sqrt(np.mean(np.square(x - mean))))
+    if not np.isfinite(std) or std <= 0:
+        raise checks.QincoInputError(f"the training data's standard deviation is {std}; it must be positive")
+    return Norm(mean.astype(np.float32), std)
 
+
+INITS = ("default", "rq-exact")
+CODEBOOK_NOISE = 0.1  # QINCo2's codebook_noise_init
+
+
+def init_codec(cfg: QincoConfig, xt, *, seed: int = 0, rq_beam_size: int = 1, scale: float | None = None,
+               init: str = "default", centroids=None, rq_nt: int = RQ_NT) -> Codec:
+    """A codec initialised as the originals: RQ codebooks trained on xt (raw units) and random layers.
+
+    QINCo v1: codebooks divided by the data scale, torch-default linear layers. QINCo2: inputs
+    normalised by mean and std, codebooks (RQ - mean) / std for step 0 and RQ / std after it, plus
+    Gaussian noise of 0.1 x each table's std, copied into the pre-selection books (spec 1.2, 3.5).
+    init="rq-exact": no noise, and every step returns its codeword, so the untrained codec is the RQ.
     IVF-QINCo (cfg.nlist > 0): codebook0 holds the centroids (raw units, (nlist, d); default: faiss
     k-means on xt with this seed), and the M-level RQ is trained on the residuals x - c[assign], where
     assign is the codec's own (exact) IVF assignment.
@@ -398,21 +516,28 @@ def init_codec(
     Args:
       cfg: architecture.
       xt: (n, d) training vectors in raw units (a memmap is read in chunks, never converted whole).
-      seed: seed of the random linear layers, of the RQ training sample (and of the IVF k-means).
+      seed: seed of the random layers, of the codebook noise, of the RQ training sample (and of the IVF k-means).
       rq_beam_size: beam size of the faiss ResidualQuantizer that initialises the codebooks.
-      scale: data scale; default xt.max() as in the original (over all of xt).
+      scale: QINCo v1 data scale; default xt.max() as in the original (over all of xt).
+      init: "default" (the originals') or "rq-exact".
       centroids: IVF centroids in raw units (IVF only).
       rq_nt: the RQ (and the IVF k-means) train on all of xt when it holds at most rq_nt vectors
         (the original's case, 500k by default), else on a fixed random sample of rq_nt of them.
     """
     from qinco_jax import data, faiss_ops
 
+    if init not in INITS:
+        raise checks.QincoInputError(f"init must be one of {INITS}, got {init!r}")
     xt = checks.vectors(xt, cfg.d, "training vectors")
     checks.finite(xt, "training vectors")
     checks.trainable(xt, cfg.K, "training vectors")
     if centroids is not None and not cfg.nlist:
         raise checks.QincoInputError("centroids are given but the config is not IVF (nlist = 0)")
-    scale = data_scale(xt) if scale is None else float(scale)
+    if cfg.variant == "qinco2":
+        norm = mean_std(xt)
+    else:
+        norm = Norm(None, data_scale(xt) if scale is None else float(scale))
+    inv = np.float32(1.0 / norm.scale)
     x = data.sample_rows(xt, rq_nt, seed)
     c_scaled = None
     if cfg.nlist:
@@ -423,14 +548,22 @@ def init_codec(
                 )
             centroids = faiss_ops.kmeans(x, cfg.nlist, seed)
         centroids = checks.centroids(centroids, cfg.d, cfg.nlist)
-        c_scaled = centroids * np.float32(1.0 / scale)
-        assign = _assign_scaled(c_scaled, x, np.float32(1.0 / scale), None, False, "training vectors")
+        c_scaled = (centroids if norm.shift is None else centroids - norm.shift) * inv
+        assign = _assign_scaled(c_scaled, x, inv, None, False, "training vectors", norm.shift)
         x -= centroids[assign]
     if rq_beam_size == 1:  # the original's default, level by level in bounded memory
         codebooks = faiss_ops.greedy_rq_codebooks(x, cfg.M, cfg.K, inplace=True)
     else:
         codebooks = faiss_ops.rq_codebooks(faiss_ops.train_rq(x, cfg.M, cfg.K, rq_beam_size))
     del x
-    codebooks = codebooks / np.float32(scale)
+    if norm.shift is not None and not cfg.nlist:  # steps after IVF work on residuals: no mean there
+        codebooks[0] -= norm.shift
+    codebooks = codebooks / np.float32(norm.scale)
+    if cfg.variant == "qinco2" and init == "default":
+        rng = np.random.default_rng(seed)
+        noise = rng.standard_normal(codebooks.shape).astype(np.float32)
+        codebooks = codebooks + noise * codebooks.std(axis=(1, 2), keepdims=True) * np.float32(CODEBOOK_NOISE)
     params = with_codebooks(init_params(cfg, jax.random.key(seed)), codebooks, c_scaled)
-    return Codec(cfg, jax.device_get(params), scale)
+    if init == "rq-exact":
+        params = identity_steps(cfg, params)
+    return Codec(cfg, jax.device_get(params), norm)

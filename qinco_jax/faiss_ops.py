@@ -90,6 +90,8 @@ def to_faiss(codec):
         raise ValueError("faiss.QINCo has no low-rank (QINCo-LR) variant")
     if cfg.nlist:
         raise ValueError("to_faiss exports plain QINCo only, not IVF-QINCo")
+    if cfg.variant != "qinco1" or codec.shift is not None:
+        raise ValueError("faiss.QINCo is QINCo v1 only (no QINCo2 steps, no mean shift)")
     p = {k: v for k, v in codec.params.items()}
     q = faiss.QINCo(cfg.d, cfg.K, cfg.L, cfg.M, cfg.h)
     q.codebook0.from_array(_f32(p["codebook0"]))

@@ -75,7 +75,8 @@ def check_config(cfg, what: str, limits: Limits = DEFAULT) -> None:
 
     cfg: a QincoConfig (d, K, M, L, h, nlist and num_params()).
     """
-    for name, hi in (("d", limits.max_dim), ("h", limits.max_dim), ("M", limits.max_steps), ("L", limits.max_blocks)):
+    for name, hi in (("d", limits.max_dim), ("h", limits.max_dim), ("emb", limits.max_dim), ("M", limits.max_steps),
+                     ("L", limits.max_blocks)):
         value = getattr(cfg, name)
         if value > hi:
             raise CheckpointError(f"{what}: {name} = {short(value)} is over the budget of {hi:,}; refused")

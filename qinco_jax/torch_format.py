@@ -199,15 +199,22 @@ def _convert(obj) -> tuple[QincoConfig, dict, float]:
     return cfg, params, _db_scale(top)
 
 
-def load_pt(path) -> tuple[QincoConfig, dict, float]:
-    """Read a PyTorch QINCo v1 checkpoint (torch.save(model, path)) without torch.
+def load_pt(path):
+    """Read a PyTorch QINCo v1 checkpoint (torch.save(model, path)) or a QINCo2 training checkpoint
+    (a dict with the state_dict, 'parameters' and 'data_dim') without torch.
 
-    Returns (config, params, scale): params is a nested dict of float32 numpy arrays in this
-    package's layout (qinco_jax.model), scale the model's db_scale. IVFQINCo files give an IVF
-    config (nlist = K_IVF, the frozen centroids in codebook0). Raises CheckpointError for anything
-    that is not a readable QINCo / QINCo-LR / IVF-QINCo checkpoint; no code from the file is run.
+    Returns (config, params, norm): params is a nested dict of float32 numpy arrays in this
+    package's layout (qinco_jax.model); norm the v1 model's db_scale (a float) or QINCo2's
+    qinco_jax.Norm (data mean and std). IVFQINCo files give an IVF config (nlist = K_IVF, the
+    frozen centroids in codebook0). Raises CheckpointError for anything that is not a readable
+    QINCo / QINCo-LR / IVF-QINCo / QINCo2 checkpoint; no code from the file is run.
     """
-    return convert(read_objects(path))
+    obj = read_objects(path)
+    from qinco_jax.torch_qinco2 import convert_qinco2, is_qinco2_checkpoint
+
+    if is_qinco2_checkpoint(obj):
+        return convert_qinco2(obj)
+    return convert(obj)
 
 
 def _opq_matrix(top: ModuleRecord, d_out: int) -> np.ndarray | None:
@@ -249,11 +256,16 @@ def convert_pq(obj):
 
 
 def load_pt_codec(path):
-    """A Codec (QINCo, QINCo-LR) or a PQCodec (PQ_QINCo) from an official .pt file, without torch."""
+    """A Codec (QINCo, QINCo-LR, IVF-QINCo, QINCo2) or a PQCodec (PQ_QINCo) from an official .pt file,
+    without torch."""
     from qinco_jax.codec import Codec
+
+    from qinco_jax.torch_qinco2 import convert_qinco2, is_qinco2_checkpoint
 
     obj = read_objects(path)
     if isinstance(obj, ModuleRecord) and obj.name == "PQ_QINCo" and isinstance(obj.state, dict):
         return convert_pq(obj)
+    if is_qinco2_checkpoint(obj):
+        return Codec(*convert_qinco2(obj))
     return Codec(*convert(obj))
 

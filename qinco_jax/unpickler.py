@@ -431,6 +431,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         inst = self.stack[-1]
         if type(inst) is _DtypeSpec or (isinstance(inst, ModuleRecord) and self._is_record_class(type(inst))):
             inst.__setstate__(state)
+        elif type(inst) is collections.OrderedDict and isinstance(state, dict) and set(state) <= {"_metadata"}:
+            pass  # a state_dict's _metadata attribute (module versions): not needed, dropped
         else:
             raise CheckpointError(f"the pickle sets the state of {short(inst)}; refused (only module records have one)")
 

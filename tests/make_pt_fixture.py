@@ -1,4 +1,5 @@
-"""Regenerate the tiny PyTorch QINCo v1 checkpoints used by tests/test_torch_format.py.
+"""Regenerate the tiny PyTorch QINCo v1 and QINCo2 checkpoints used by tests/test_torch_format.py
+and tests/test_torch_qinco2.py.
 
 Needs torch (the optional `torch` extra); the tests themselves never import it:
 
@@ -11,6 +12,11 @@ and submodule layout as the original QINCo v1 model (spec sections 1.2-1.6), so 
 A PQ_QINCo (two QINCo sub-quantizers with their own db_scale, after an OPQ matrix) is written as
 well. It also stores, per checkpoint, a few scaled input vectors with the torch model's greedy codes
 and the decoded reconstructions of those codes (`*_ref.npz`).
+
+QINCo2 checkpoints are what the official QINCo2 training writes (spec 1.5): a dict holding the
+model's state_dict ("model", names such as steps.{m}.concat.mlp.weight), the optimizer and
+scheduler states, "parameters" and "data_dim". The torch modules below carry those names and
+shapes; their step math and beam search (spec 1.1, 2.1) give the reference codes.
 """
 
 from __future__ import annotations
@@ -235,6 +241,151 @@ def make(cls, out_dir, name, d, K, M, L, h, db_scale, n=24, seed=0, nlist=0):
     print(f"{name}: {cls.__name__} d={d} K={K} M={M} L={L} h={h} nlist={nlist}, codes[0]={codes[0].tolist()}")
 
 
+# ----------------------------------------------------------------------------------------------
+# QINCo2 (names and shapes of the official qinco/model/qinco_base.py)
+
+
+class ConcatBlock(nn.Module):
+    """Linear (de + D) -> de with bias, registered as `mlp` (state_dict: concat.mlp.weight/bias)."""
+
+    def __init__(self, de, D):
+        nn.Module.__init__(self)
+        self.mlp = nn.Linear(de + D, de)
+
+
+class ResidualBlock(nn.Module):
+    """z + down_proj(relu(up_proj(z))), both bias-free."""
+
+    def __init__(self, de, dh):
+        nn.Module.__init__(self)
+        self.up_proj = nn.Linear(de, dh, bias=False)
+        self.down_proj = nn.Linear(dh, de, bias=False)
+
+    def forward(self, z):
+        return z + self.down_proj(torch.relu(self.up_proj(z)))
+
+
+class SubStep(nn.Module):
+    """The pre-selection codebook holder (state_dict: substep.codebook.weight)."""
+
+    def __init__(self, K, D):
+        nn.Module.__init__(self)
+        self.codebook = nn.Embedding(K, D)
+
+
+class QINCo2Step(nn.Module):
+    """Step m >= 1: codebook, optional pre-selection book, projections, concat, residual blocks."""
+
+    def __init__(self, D, K, L, de, dh, A):
+        nn.Module.__init__(self)
+        self.codebook = nn.Embedding(K, D)
+        if A:
+            self.substep = SubStep(K, D)
+        self.in_proj = nn.Linear(D, de, bias=False) if de != D else nn.Identity()
+        self.concat = ConcatBlock(de, D)
+        self.residual_blocks = nn.ModuleList([ResidualBlock(de, dh) for _ in range(L)])
+        self.out_proj = nn.Linear(de, D, bias=False) if de != D else nn.Identity()
+        self.register_buffer("xtarget_mean", torch.zeros(D))
+        self.register_buffer("xtarget_var", torch.ones(D))
+
+    def f(self, c, xhat):
+        z = self.in_proj(c)
+        z = z + self.concat.mlp(torch.cat([z, xhat], -1))
+        for block in self.residual_blocks:
+            z = block(z)
+        return c + self.out_proj(z)
+
+
+class Step0(nn.Module):
+    def __init__(self, K, D):
+        nn.Module.__init__(self)
+        self.codebook = nn.Embedding(K, D)
+        self.register_buffer("xtarget_mean", torch.zeros(D))
+        self.register_buffer("xtarget_var", torch.ones(D))
+
+
+class QINCo2(nn.Module):
+    """data_mean / data_std buffers and the steps, as the official model's state_dict names them."""
+
+    def __init__(self, D, K, M, L, de, dh, A):
+        nn.Module.__init__(self)
+        self.register_buffer("data_mean", torch.zeros(D))
+        self.register_buffer("data_std", torch.ones(()))
+        self.steps = nn.ModuleList([Step0(K, D)] + [QINCo2Step(D, K, L, de, dh, A) for _ in range(1, M)])
+
+    def encode(self, x, A, B):
+        """Beam search with pre-selection (spec 2.1) on normalised x; returns (codes, xhat)."""
+        K = self.steps[0].codebook.weight.shape[0]
+        M = len(self.steps)
+        d0 = ((x[:, None, :] - self.steps[0].codebook.weight[None]) ** 2).sum(-1)
+        F = 1 if M == 1 else min(B, K)
+        codes = d0.topk(F, dim=1, largest=False).indices[:, :, None]
+        xhat = self.steps[0].codebook.weight[codes[:, :, 0]]
+        n = x.shape[0]
+        for m in range(1, M):
+            step = self.steps[m]
+            r = x[:, None, :] - xhat
+            if A:
+                pre = step.substep.codebook.weight
+                ids = ((r[:, :, None, :] - pre[None, None]) ** 2).sum(-1).topk(A, dim=2, largest=False).indices
+            else:
+                ids = torch.arange(K).expand(n, xhat.shape[1], K)
+            Fin, nc = ids.shape[1], ids.shape[2]
+            c = step.codebook.weight[ids]
+            cand = xhat[:, :, None, :] + step.f(c, xhat[:, :, None, :].expand_as(c))
+            dist = ((x[:, None, None, :] - cand) ** 2).sum(-1).reshape(n, Fin * nc)
+            F = 1 if m == M - 1 else min(B, Fin * nc)
+            sel = dist.topk(F, dim=1, largest=False).indices
+            parent = sel // nc
+            code = ids.reshape(n, Fin * nc).gather(1, sel)
+            xhat = cand.reshape(n, Fin * nc, -1)[torch.arange(n)[:, None], sel]
+            codes = torch.cat([codes[torch.arange(n)[:, None], parent], code[:, :, None]], 2)
+        return codes[:, 0], xhat[:, 0]
+
+    def decode(self, codes):
+        xhat = self.steps[0].codebook.weight[codes[:, 0]]
+        for m in range(1, codes.shape[1]):
+            xhat = xhat + self.steps[m].f(self.steps[m].codebook.weight[codes[:, m]], xhat)
+        return xhat
+
+
+def make_qinco2(out_dir, name, D, K, M, L, de, dh, A, B, n=40, seed=0, ddp=False):
+    """A QINCo2 checkpoint dict as the official training writes it, and the torch reference codes."""
+    torch.manual_seed(seed)
+    model = QINCo2(D, K, M, L, de, dh, A)
+    with torch.no_grad():
+        for p in model.parameters():  # trained-looking weights: no zero blocks, codebooks of scale 1
+            p.copy_(torch.randn_like(p) * (1.0 if p.dim() == 2 and p.shape[1] == D and p.shape[0] == K else 0.3))
+        model.data_mean.copy_(torch.randn(D) * 5)
+        model.data_std.fill_(3.5)
+    gen = torch.Generator().manual_seed(seed + 1)
+    codes0 = torch.randint(0, K, (n, M), generator=gen)
+    with torch.no_grad():
+        xn = model.decode(codes0) + 0.3 * torch.randn(n, D, generator=gen)
+        codes, xhat = model.encode(xn, A, B)
+        greedy, _ = model.encode(xn, 0, 1)
+        recon = model.decode(codes)
+    x_raw = xn * model.data_std + model.data_mean
+    state = model.state_dict()  # an OrderedDict with its _metadata attribute, as torch writes it
+    for k in state:
+        state[k] = state[k].clone()  # the weights the codes were computed with
+    opt = torch.optim.AdamW(model.parameters(), lr=8e-4, weight_decay=0.1)
+    sum((p**2).sum() for p in model.parameters()).backward()
+    opt.step()  # a real optimizer state in the file (the loader must pass over it)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    if ddp:
+        state = type(state)((f"module.{k}", v) for k, v in state.items())
+    params = {"K": K, "M": M, "L": L, "de": de, "dh": dh, "A": A, "B": B}
+    ckpt = {"epoch": 3, "model": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "logger": {"cur_step": 12, "best_mse": 0.5, "best_mse_epoch": 2, "last_lr": 8e-4},
+            "parameters": params, "data_dim": D}
+    torch.save(ckpt, os.path.join(out_dir, f"{name}.pt"))
+    np.savez(os.path.join(out_dir, f"{name}_ref.npz"), x=x_raw.numpy().astype(np.float32), codes=codes.numpy(),
+             greedy_codes=greedy.numpy(), recon=(recon * model.data_std + model.data_mean).numpy().astype(np.float32),
+             config=np.array([D, K, M, L, de, dh, A, B], np.int64))
+    print(f"{name}: QINCo2 D={D} K={K} M={M} L={L} de={de} dh={dh} A={A} B={B}, codes[0]={codes[0].tolist()}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
@@ -252,6 +403,13 @@ def main():
             make(out_dir=args.out, name=name, **kw)
     if args.only in (None, "pq_qinco_tiny"):
         make_pq(args.out, "pq_qinco_tiny", [(8, 16, 3, 1, 8, 3.0), (8, 16, 2, 2, 6, 5.5)], opq=True)
+    qinco2 = {
+        "qinco2_tiny": dict(D=8, K=16, M=3, L=2, de=6, dh=10, A=4, B=3),
+        "qinco2_ddp_tiny": dict(D=8, K=16, M=3, L=1, de=8, dh=12, A=0, B=1, seed=2, ddp=True),
+    }
+    for name, kw in qinco2.items():
+        if args.only in (None, name):
+            make_qinco2(args.out, name, **kw)
 
 
 if __name__ == "__main__":

@@ -48,3 +48,69 @@ def decode(params: dict, codes: np.ndarray, L: int, lowrank: bool = False) -> np
         c = np.asarray(sp["codebook"], np.float64)[codes[:, m]]
         xhat = xhat + _step_f(sp, c, xhat, L, lowrank)
     return xhat
+
+
+# ----------------------------------------------------------------------------------------------
+# QINCo2 (and v1 in the same search): step network and beam search, one vector at a time
+
+
+def step2_f(sp: dict, c: np.ndarray, xhat: np.ndarray, L: int) -> np.ndarray:
+    """QINCo2's f(c, xhat) = c + P_out(blocks(z0 + W_cat [z0; xhat] + b)), z0 = P_in c (float64)."""
+    c, xhat = np.asarray(c, np.float64), np.asarray(xhat, np.float64)
+    z0 = c @ sp["in_proj"]["kernel"] if "in_proj" in sp else c
+    z = z0 + np.concatenate([z0, xhat], axis=-1) @ sp["concat"]["kernel"] + sp["concat"]["bias"]
+    for l in range(L):
+        b = sp[f"block_{l}"]
+        z = z + np.maximum(z @ b["up"]["kernel"], 0) @ b["down"]["kernel"]
+    return c + (z @ sp["out_proj"]["kernel"] if "out_proj" in sp else z)
+
+
+def step_f(params: dict, m: int, c, xhat, L: int, variant: str, lowrank: bool = False):
+    sp = params[f"step_{m}"]
+    return step2_f(sp, c, xhat, L) if variant == "qinco2" else _step_f(sp, c, xhat, L, lowrank)
+
+
+def decode_any(params: dict, codes: np.ndarray, L: int, variant: str, lowrank: bool = False) -> np.ndarray:
+    """Reconstruction of either family from the first codes.shape[1] codes, in float64."""
+    xhat = np.asarray(params["codebook0"], np.float64)[codes[:, 0]]
+    for m in range(1, codes.shape[1]):
+        c = np.asarray(params[f"step_{m}"]["codebook"], np.float64)[codes[:, m]]
+        xhat = xhat + step_f(params, m, c, xhat, L, variant, lowrank)
+    return xhat
+
+
+def beam_encode(params: dict, x: np.ndarray, M: int, L: int, variant: str, A: int, B: int):
+    """The spec's beam search (2.1), written plainly: per vector, a list of (error, codes, xhat) beams.
+
+    Pre-selection keeps, per beam, the A codes nearest to the residual in the step's pre-selection
+    book (A = 0: all K); the F_in * A candidates of a vector are pooled and the B best kept (1 at
+    the last step). Stable sorts: the first candidate wins ties.
+    """
+    x = np.asarray(x, np.float64)
+    cb0 = np.asarray(params["codebook0"], np.float64)
+    K = cb0.shape[0]
+    out_codes, out_xhat = [], []
+    for xv in x:
+        d0 = ((xv - cb0) ** 2).sum(1)
+        keep = np.argsort(d0, kind="stable")[: 1 if M == 1 else min(B, K)]
+        beams = [((k,), cb0[k]) for k in keep]
+        for m in range(1, M):
+            sp = params[f"step_{m}"]
+            C = np.asarray(sp["codebook"], np.float64)
+            cands = []
+            for codes, xhat in beams:
+                r = xv - xhat
+                if A:
+                    pre = np.asarray(sp["presel_codebook"], np.float64)
+                    ids = np.argsort(((r - pre) ** 2).sum(1), kind="stable")[:A]
+                else:
+                    ids = np.arange(K)
+                new = xhat + step_f(params, m, C[ids], np.repeat(xhat[None], len(ids), 0), L, variant)
+                for k, xn in zip(ids, new):
+                    cands.append((((xv - xn) ** 2).sum(), codes + (int(k),), xn))
+            order = np.argsort([c[0] for c in cands], kind="stable")
+            F = 1 if m == M - 1 else min(B, len(cands))
+            beams = [(cands[i][1], cands[i][2]) for i in order[:F]]
+        out_codes.append(beams[0][0])
+        out_xhat.append(beams[0][1])
+    return np.array(out_codes), np.array(out_xhat)

@@ -11,7 +11,7 @@ Public API:
 from qinco_jax.checks import QincoInputError
 from qinco_jax.checkpoint import CheckpointError, load, save
 from qinco_jax.codec import Codec, Norm, decode, encode, encode_with_error, init_codec
-from qinco_jax.model import PRESETS, QincoConfig
+from qinco_jax.model import QincoConfig
 from qinco_jax.pq import PQCodec
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "Codec",
     "Norm",
     "PQCodec",
-    "PRESETS",
     "QincoConfig",
     "QincoInputError",
     "decode",

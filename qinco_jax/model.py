@@ -91,6 +91,8 @@ class QincoConfig:
                 raise ValueError(f"QincoConfig.de = {self.de}: QINCo v1 steps work in width d = {self.d}")
         if self.A > self.K:
             raise ValueError(f"QincoConfig.A = {self.A} pre-selected candidates is more than the K = {self.K} codes")
+        if self.A and self.variant != "qinco2":
+            raise ValueError(f"QincoConfig.A = {self.A}: pre-selection codebooks are a QINCo2 feature (variant='qinco2')")
         if self.variant == "qinco2" and self.lowrank:
             raise ValueError("QincoConfig.lowrank (QINCo-LR) is a QINCo v1 variant, not available with qinco2")
 
@@ -169,15 +171,6 @@ class QincoConfig:
         if unknown:
             raise ValueError(f"unknown QincoConfig fields: {sorted(unknown)}")
         return cls(**d)
-
-
-# Architecture presets of the QINCo2 code (spec 1.3), as QincoConfig fields (d comes from the data).
-PRESETS = {
-    "qinco1": dict(variant="qinco1", L=16, h=256, A=0, B=1, M=8, K=256),
-    "qinco2-S": dict(variant="qinco2", L=2, de=128, h=256, A=16, B=32, M=8, K=256),
-    "qinco2-M": dict(variant="qinco2", L=4, de=384, h=384, A=16, B=32, M=8, K=256),
-    "qinco2-L": dict(variant="qinco2", L=16, de=384, h=384, A=16, B=32, M=8, K=256),
-}
 
 
 def torch_uniform(fan_in: int):

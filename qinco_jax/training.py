@@ -18,6 +18,7 @@ import optax
 from flax import jax_utils
 
 from qinco_jax import codec as codec_mod
+from qinco_jax import recipe
 from qinco_jax.model import Qinco, QincoConfig
 
 AXIS = codec_mod.AXIS
@@ -31,11 +32,15 @@ class TrainState(NamedTuple):
 
 
 def optimizer(cfg: QincoConfig | None = None) -> optax.GradientTransformation:
-    """Adam's moment estimates; the step size is applied in the train step (lr changes between epochs).
+    """The update direction; the step size is applied in the train step (the lr changes during training).
 
+    QINCo v1: Adam's moment estimates. QINCo2 (spec 3.2): each gradient entry clipped to +-0.1, then
+    AdamW's direction (Adam + weight decay 0.1 on every parameter, codebooks included).
     IVF-QINCo: the centroids (codebook0) are frozen: their update is zero and Adam keeps no state for them.
     """
     adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+    if cfg is not None and cfg.variant == "qinco2":
+        adam = optax.chain(optax.clip(recipe.GRAD_CLIP), adam, optax.add_decayed_weights(recipe.WEIGHT_DECAY))
     return frozen_first(adam) if cfg is not None and cfg.nlist else adam
 
 
@@ -123,40 +128,53 @@ def loss_terms(cfg: QincoConfig, params, x_BD, w_B):
 
     The original's forward pass: greedy codes (no gradient flows through the argmin), then the
     differentiable re-decoding, with every prefix's squared error (IVF: the prefix-1 error, the IVF
-    error, is in the sum but carries no gradient).
+    error, is in the sum but carries no gradient). QINCo2: the codes come from the model's own beam
+    search (A, B of the config), and the pre-selection books add their RQ-style term (spec 3.1).
     """
+    return loss_and_stats(cfg, params, x_BD, w_B)[:2]
+
+
+def loss_and_stats(cfg: QincoConfig, params, x_BD, w_B, stats: bool = False):
+    """loss_terms and, with stats=True, the batch's code usage and residual-target sums (recipe.usage_stats)."""
     codes = greedy_codes(cfg, params, x_BD)
     xhats = Qinco(cfg).apply({"params": params}, codes, method=Qinco.decode_prefixes)
     err_B = sum(jnp.sum(jnp.square(xh - x_BD), axis=-1) for xh in xhats)
-    return jnp.sum(err_B * w_B), jnp.sum(w_B)
+    if cfg.preselect:
+        err_B = err_B + recipe.preselection_error(cfg, params, codes, xhats, x_BD)
+    out = recipe.usage_stats(cfg, codes, xhats, x_BD, w_B) if stats else {}
+    return jnp.sum(err_B * w_B), jnp.sum(w_B), out
 
 
-def _device_step(cfg: QincoConfig, state: TrainState, x_BD, w_B, lr):
+def _device_step(cfg: QincoConfig, stats: bool, state: TrainState, x_BD, w_B, lr):
     tx = optimizer(cfg)
 
     def local_loss(params):
-        err, count = loss_terms(cfg, params, x_BD, w_B)
+        err, count, aux = loss_and_stats(cfg, params, x_BD, w_B, stats)
         total = jax.lax.psum(count, AXIS)
         n_dev = jax.lax.psum(1, AXIS)
         # pmean over devices of this equals the global sum / (global count * d)
-        return err * n_dev / (jnp.maximum(total, 1.0) * cfg.d)
+        return err * n_dev / (jnp.maximum(total, 1.0) * cfg.d), aux
 
-    loss, grads = jax.value_and_grad(local_loss)(state.params)
+    (loss, aux), grads = jax.value_and_grad(local_loss, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, AXIS)
     loss = jax.lax.pmean(loss, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+    if stats:  # counted over every device of every process (spec 3.6's reset, done globally)
+        return TrainState(params, opt_state), loss, jax.lax.psum(aux, AXIS)
     return TrainState(params, opt_state), loss
 
 
 @functools.lru_cache(maxsize=8)
-def train_step(cfg: QincoConfig, devices: tuple | None = None):
+def train_step(cfg: QincoConfig, devices: tuple | None = None, stats: bool = False):
     """pmap-ed step(state, x (n_local_dev, b, d), w (n_local_dev, b), lr) -> (state, loss per device).
 
     devices: the local devices to use (default: all of them, and on every process).
+    stats: also return the batch's code usage and residual-target sums, summed over all devices
+    (QINCo2's dead-codeword reset).
     """
     return jax.pmap(
-        functools.partial(_device_step, cfg),
+        functools.partial(_device_step, cfg, stats),
         axis_name=AXIS,
         in_axes=(0, 0, 0, None),
         donate_argnums=(0,),

@@ -11,7 +11,7 @@ import faiss
 import qinco_jax as qj
 from qinco_jax import codec as codec_mod
 from qinco_jax import faiss_ops
-from qinco_jax.model import PRESETS
+from train.config import architecture
 
 import reference
 from conftest import near_codes, random_codec
@@ -41,7 +41,7 @@ SPEC_COUNTS = {
 def test_parameter_counts_equal_the_spec_table(preset):
     for D, (net8, tot8, net16, tot16) in zip((96, 128, 256, 768), SPEC_COUNTS[preset]):
         for M, net, tot in ((8, net8, tot8), (16, net16, tot16)):
-            cfg = qj.QincoConfig(d=D, **{**PRESETS[preset], "M": M})
+            cfg = qj.QincoConfig(**{**architecture(preset, D), "M": M})
             total = _count(cfg)
             books = cfg.K * D * (1 + (M - 1) * (2 if cfg.A else 1))
             assert round(total / 1e6, 2) == tot, (preset, D, M, total)

@@ -57,6 +57,7 @@ def test_main_job_writes_its_outputs(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     best = min(r["val_mse"] for r in rows)
     assert summary["qinco_val_mse"] == pytest.approx(best, rel=1e-5)
+    assert summary["val_mse_init"] > best  # every run records the validation MSE before its first step
     assert codec.config.M == 3
     # the same command again shows the finished run's results and says how to train again
     p2 = _train(tmp_path / "run", "--epochs", "3")

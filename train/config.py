@@ -19,6 +19,14 @@ class TrainConfig:
     nval: int | None = None  # validation vectors, the last of the training file (10,000; 5,000 for sift1M)
     nb: int | None = None  # database size limit
     # model (K, M, L, h, lowrank; d comes from the data)
+    # --model PRESET fills the architecture from MODEL_PRESETS (QINCo2 presets also their lr); the model
+    # flags override it
+    preset: str | None = None
+    variant: str = "qinco1"  # qinco1 (QINCo v1 step and recipe) or qinco2 (QINCo2 step and recipe)
+    de: int | None = None  # QINCo2 embedding width (None: d)
+    A: int = 0  # candidates pre-selected per beam (0: none; > 0 gives the steps pre-selection codebooks)
+    B: int = 1  # beam width (1: greedy)
+    init: str = "default"  # or "rq-exact": the untrained model is exactly the RQ
     K: int = 256
     M: int = 8
     L: int = 2
@@ -50,7 +58,8 @@ class TrainConfig:
     def model(self, d: int):
         from qinco_jax.model import QincoConfig
 
-        return QincoConfig(d=d, K=self.K, M=self.M, L=self.L, h=self.h, lowrank=self.lowrank, nlist=self.ivf)
+        return QincoConfig(d=d, K=self.K, M=self.M, L=self.L, h=self.h, lowrank=self.lowrank, nlist=self.ivf,
+                           variant=self.variant, de=self.de, A=self.A, B=self.B)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,6 +87,16 @@ class TrainConfig:
         integer("L", 0, 256)
         integer("h", 1, 65536)
         integer("ivf", 0)
+        need(self.preset is None or self.preset in MODEL_PRESETS, "preset", f"must be one of {sorted(MODEL_PRESETS)}")
+        need(self.variant in ("qinco1", "qinco2"), "variant", "must be qinco1 or qinco2")
+        need(self.init in INITS, "init", f"must be one of {INITS}")
+        integer("de", 1, 65536, optional=True)
+        integer("B", 1)
+        integer("A", 0)
+        if isinstance(self.A, int) and isinstance(self.K, int):
+            need(self.A <= self.K, "A", f"must be at most --K {self.K} (candidates among the K codes)")
+            need(self.A == 0 or self.variant == "qinco2", "A", "pre-selection needs a QINCo2 model (--model qinco2-*)")
+        need(not (self.lowrank and self.variant == "qinco2"), "lowrank", "QINCo-LR is a QINCo v1 variant")
         for name in ("nt", "nval", "nb", "num_processes"):
             integer(name, 1, optional=True)
         integer("process_id", 0, optional=True)
@@ -108,3 +127,24 @@ def short_value(v) -> str:
 
 # The built-in demo: synthetic 32-d data, sized to train in a few minutes on a 2-core laptop.
 DEMO = dict(dataset="synthetic", K=64, M=4, L=2, h=64, lr=1e-3, epochs=100, workdir="runs/demo")
+
+
+# Architecture presets of the QINCo2 code (its config/model_args/*.yaml), as TrainConfig fields; d
+# comes from the data. The qinco2-* presets train with QINCo2's recipe and learning rate.
+MODEL_PRESETS = {
+    "qinco1": dict(variant="qinco1", L=16, h=256, A=0, B=1, M=8, K=256),
+    "qinco2-S": dict(variant="qinco2", L=2, de=128, h=256, A=16, B=32, M=8, K=256, lr=8e-4),
+    "qinco2-M": dict(variant="qinco2", L=4, de=384, h=384, A=16, B=32, M=8, K=256, lr=8e-4),
+    "qinco2-L": dict(variant="qinco2", L=16, de=384, h=384, A=16, B=32, M=8, K=256, lr=8e-4),
+}
+INITS = ("default", "rq-exact")
+
+
+def preset_fields(name: str) -> dict:
+    """TrainConfig fields of a model preset (an unknown name is left to TrainConfig.problems)."""
+    return {"preset": name, **MODEL_PRESETS.get(name, {})}
+
+
+def architecture(name: str, d: int) -> dict:
+    """QincoConfig fields of a preset for dimension d (the recipe's fields left out)."""
+    return {"d": d, **{k: v for k, v in MODEL_PRESETS[name].items() if k != "lr"}}

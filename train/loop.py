@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 import qinco_jax as qj
-from qinco_jax import checkpoint, checks, data, faiss_ops, training
+from qinco_jax import checkpoint, checks, data, faiss_ops, recipe, training
 from qinco_jax.checkpoint import TrainCheckpoints
 from qinco_jax.files import write_json
 from qinco_jax.progress import Progress
@@ -40,6 +40,11 @@ class RunMeta(NamedTuple):
     best_epoch: int | None
     val0: float  # validation MSE before optimisation
     stopped: bool  # the learning rate fell below training.MIN_LR
+    shift: list | None = None  # QINCo2's per-dimension mean (normalisation); None for QINCo v1
+
+    def norm(self) -> qj.Norm:
+        """The run's normalisation (QINCo v1: the data scale; QINCo2: mean and std)."""
+        return qj.Norm(None if self.shift is None else np.asarray(self.shift, np.float32), self.scale)
 
 
 class LoopState(NamedTuple):
@@ -169,13 +174,14 @@ def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir
         np.save(os.path.join(workdir, CENTROIDS), np.asarray(centroids, np.float32))
     t0 = time.time()
     codec = qj.init_codec(mcfg, ds.xt, seed=cfg.seed, rq_beam_size=cfg.rq_beam_size, centroids=centroids,
-                          rq_nt=cfg.rq_nt)
+                          rq_nt=cfg.rq_nt, init=cfg.init)
     what = f"IVF{mcfg.nlist} + RQ on the residuals" if mcfg.nlist else "RQ"
     log(f"{what} {mcfg.M}x{int(np.log2(mcfg.K))} (beam {cfg.rq_beam_size}) initialisation done in {time.time() - t0:.1f}s; "
         f"data scale {codec.scale:.6g}; {mcfg.num_params():,} trainable parameters")
     val0 = val_mse(codec, ds.xval)
     log(f"before optimisation: val MSE {val0:.6g}")
-    meta = RunMeta(epoch=-1, scale=codec.scale, best_val=None, best_epoch=None, val0=val0, stopped=False)
+    shift = None if codec.shift is None else [float(v) for v in codec.shift]
+    meta = RunMeta(epoch=-1, scale=codec.scale, best_val=None, best_epoch=None, val0=val0, stopped=False, shift=shift)
     return LoopState(training.init_state(codec.params, mcfg), training.plateau().init(codec.params), meta)
 
 
@@ -188,7 +194,7 @@ def restore(cfg: TrainConfig, ds: data.Dataset, ckpts: TrainCheckpoints, workdir
     for epoch in sorted(ckpts.steps(), reverse=True):
         try:
             arrays, meta = ckpts.restore(template, epoch)
-            meta = RunMeta(**{k: meta[k] for k in RunMeta._fields})
+            meta = RunMeta(**{k: meta[k] for k in RunMeta._fields if k in meta or k not in RunMeta._field_defaults})
         except Exception as e:  # a damaged checkpoint: fall back to the one before
             log(f"checkpoint of epoch {epoch} in {workdir} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
                 "trying an earlier one")
@@ -203,8 +209,8 @@ def restore(cfg: TrainConfig, ds: data.Dataset, ckpts: TrainCheckpoints, workdir
     return None
 
 
-def _global_batch(xt, idx: np.ndarray, batch: int, inv_scale: np.float32):
-    """This process's share of the (padded) global batch: scaled vectors and 0/1 weights."""
+def _global_batch(xt, idx: np.ndarray, batch: int, norm: qj.Norm):
+    """This process's share of the (padded) global batch: normalised vectors and 0/1 weights."""
     n, P, p = len(idx), jax.process_count(), jax.process_index()
     full = np.zeros(batch, np.int64)
     full[:n] = idx
@@ -214,28 +220,45 @@ def _global_batch(xt, idx: np.ndarray, batch: int, inv_scale: np.float32):
     order = np.argsort(rows)  # sorted reads are kinder to memory-mapped files
     x = np.empty((len(rows), xt.shape[1]), np.float32)
     x[order] = np.asarray(xt[rows[order]], np.float32)
-    return x * inv_scale, w[share]
+    if norm.shift is not None:
+        x -= norm.shift
+    return x * np.float32(1.0 / norm.scale), w[share]
 
 
-def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, lr: float, scale: float):
-    """One pass over xt in (seed, epoch)-shuffled global batches; returns (mean batch loss, host state)."""
-    step, n_local = training.train_step(mcfg), jax.local_device_count()
+def batch_lr(cfg: TrainConfig, mcfg: qj.QincoConfig, lr: float, epoch: int, i: int, nbatch: int) -> float:
+    """The step size of batch i: QINCo v1's epoch lr, or QINCo2's warm-up + cosine at epoch + (i+1)/nbatch."""
+    if mcfg.variant != "qinco2":
+        return lr
+    return cfg.lr * recipe.lr_factor(epoch + (i + 1) / nbatch, cfg.epochs)
+
+
+def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, lr: float, norm: qj.Norm):
+    """One pass over xt in (seed, epoch)-shuffled global batches.
+
+    Returns (mean batch loss, host state, last lr, the epoch's usage stats (QINCo2) or None).
+    """
+    v2 = mcfg.variant == "qinco2"
+    step, n_local = training.train_step(mcfg, stats=v2), jax.local_device_count()
     dev_state = training.replicate(state)
-    inv, nt = np.float32(1.0 / scale), xt.shape[0]
+    nt = xt.shape[0]
     nbatch = -(-nt // cfg.batch_size)
-    losses, pending = [], None
+    losses, pending, stats = [], None, None
     show = cfg.progress and jax.process_index() == 0
     with Progress(nbatch, desc=f"epoch {epoch}", enabled=show) as bar:
-        for idx in data.batches(nt, cfg.batch_size, cfg.seed, epoch):
-            x, w = _global_batch(xt, idx, cfg.batch_size, inv)
-            dev_state, loss = step(dev_state, *training.shard_batch(x, w, n_local), lr)
+        for i, idx in enumerate(data.batches(nt, cfg.batch_size, cfg.seed, epoch)):
+            x, w = _global_batch(xt, idx, cfg.batch_size, norm)
+            lr = batch_lr(cfg, mcfg, lr, epoch, i, nbatch)
+            out = step(dev_state, *training.shard_batch(x, w, n_local), lr)
+            dev_state, loss = out[:2]
+            if v2:
+                stats = recipe.add_stats(stats, jax.tree.map(lambda a: a[0], out[2]))
             if pending is not None:
                 losses.append(float(pending[0]))
                 bar.update(1, loss=float(np.mean(losses)))
             pending = loss
         losses.append(float(pending[0]))
         bar.update(1, loss=float(np.mean(losses)))
-    return float(np.mean(losses)), training.unreplicate(dev_state)
+    return float(np.mean(losses)), training.unreplicate(dev_state), lr, None if stats is None else jax.device_get(stats)
 
 
 def check_finite(epoch: int, loss: float, params) -> None:
@@ -255,12 +278,12 @@ def end_of_epoch(cfg, ds, state: LoopState, epoch, train_loss, lr, t0, workdir, 
     """Validate, step the plateau schedule, keep the best codec, log and checkpoint."""
     mcfg = cfg.model(ds.d)
     meta = state.meta
-    codec = qj.Codec(mcfg, state.train.params, meta.scale)
+    codec = qj.Codec(mcfg, state.train.params, meta.norm())
     val = val_mse(codec, ds.xval)
     if not math.isfinite(val):
         raise TrainingError(f"epoch {epoch}: the validation MSE is {val}. Training diverged; try a lower --lr.")
-    _, pl = training.plateau().update({}, state.plateau, value=val)
-    pl = jax.device_get(pl)
+    v1 = mcfg.variant != "qinco2"  # QINCo2 follows its schedule, not the plateau
+    pl = jax.device_get(training.plateau().update({}, state.plateau, value=val)[1]) if v1 else state.plateau
     best = meta.best_val is None or val <= meta.best_val
     meta = meta._replace(epoch=epoch)
     if best:
@@ -271,8 +294,8 @@ def end_of_epoch(cfg, ds, state: LoopState, epoch, train_loss, lr, t0, workdir, 
             qj.save(codec, os.path.join(workdir, BEST), overwrite=True)
         with open(os.path.join(workdir, METRICS), "a") as f:
             f.write(json.dumps(row) + "\n")
-    next_lr = cfg.lr * float(pl.scale)
-    meta = meta._replace(stopped=next_lr < training.MIN_LR)
+    next_lr = cfg.lr * float(pl.scale) if v1 else lr
+    meta = meta._replace(stopped=v1 and next_lr < training.MIN_LR)
     state = LoopState(state.train, pl, meta)
     ckpts.save(epoch, state.arrays(), meta._asdict())
     log(f"epoch {epoch:3d}  lr {lr:.1e}  train loss {train_loss:.6g}  val MSE {val:.6g}"
@@ -295,10 +318,15 @@ def fit(cfg: TrainConfig, ds: data.Dataset, state: LoopState, workdir, ckpts, lo
         lr = cfg.lr * float(state.plateau.scale)
         t0 = time.time()
         train_state = state.train
-        if not cfg.persistent_adam:  # the original re-creates Adam at every epoch
+        if not cfg.persistent_adam and mcfg.variant != "qinco2":  # the original v1 re-creates Adam every epoch
             train_state = training.init_state(train_state.params, mcfg)
-        loss, train_state = train_epoch(cfg, mcfg, train_state, ds.xt, epoch, lr, state.meta.scale)
+        loss, train_state, lr, stats = train_epoch(cfg, mcfg, train_state, ds.xt, epoch, lr, state.meta.norm())
         check_finite(epoch, loss, train_state.params)
+        if stats is not None:  # QINCo2: codewords unused during the epoch are reset (spec 3.6)
+            params, n_reset = recipe.reset_dead_codes(mcfg, train_state.params, stats, cfg.seed, epoch)
+            train_state = train_state._replace(params=params)
+            if n_reset:
+                log(f"epoch {epoch}: {n_reset} unused codewords reset")
         state = end_of_epoch(cfg, ds, state._replace(train=train_state), epoch, loss, lr, t0, workdir, ckpts, log)
     if state.meta.stopped:
         log(f"learning rate below {training.MIN_LR:g}: stopping")
@@ -387,7 +415,7 @@ def summarize(cfg: TrainConfig, ds: data.Dataset, state: LoopState, workdir: str
     mcfg = cfg.model(ds.d)
     best = qj.load(workdir)
     res = {"qinco_val_mse": val_mse(best, ds.xval), "best_epoch": state.meta.best_epoch,
-           "before_training": state.meta.val0}
+           "before_training": state.meta.val0, "val_mse_init": state.meta.val0}
     ivf = best if mcfg.nlist else None
     base = f"faiss IVF{mcfg.nlist}-RQ" if ivf else "faiss RQ"  # IVF: same centroids, RQ of the residuals
     res["baseline"] = base

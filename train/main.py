@@ -5,6 +5,7 @@
     python train/main.py --train my_vectors.fvecs --M 8 --workdir runs/mine
     python train/main.py --workdir runs/bigann --resume    # continue a killed run
     python train/main.py --train my_vectors.fvecs --ivf 4096 --M 8 --workdir runs/ivf   # IVF-QINCo
+    python train/main.py --dataset bigann1M --model qinco2-S --epochs 20 --workdir runs/q2s  # QINCo2 (--A --B --de --dh)
 
 Defaults are given as "real data" / "synthetic demo" where they differ (the demo is a small model
 that trains in minutes). Running the same command again in the same --workdir continues an
@@ -22,7 +23,7 @@ import sys
 if __package__ in (None, ""):  # `python train/main.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.config import DEMO, TrainConfig, flag  # noqa: E402
+from train.config import DEMO, MODEL_PRESETS, TrainConfig, flag, preset_fields  # noqa: E402
 
 _REAL = TrainConfig()
 
@@ -54,6 +55,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--L", type=int, help="residual blocks per step " + _default("L"))
     g.add_argument("--h", type=int, help="hidden width of the residual blocks " + _default("h"))
     g.add_argument("--lowrank", action="store_true", default=None, help="QINCo-LR concat block (default: off)")
+    g.add_argument("--model", dest="preset", metavar="PRESET",
+                   help=f"architecture preset of the QINCo2 code, one of {', '.join(sorted(MODEL_PRESETS))}; qinco2-* "
+                        "train with QINCo2's recipe (lr 8e-4); the model flags override it (default: none)")
+    g.add_argument("--de", type=int, help="QINCo2 embedding width (default: d)")
+    g.add_argument("--dh", dest="h", type=int, help="QINCo2 hidden width, the same as --h")
+    g.add_argument("--A", type=int, help="candidates pre-selected per beam, 0 for none " + _default("A"))
+    g.add_argument("--B", type=int, help="beam width, 1 for greedy " + _default("B"))
+    g.add_argument("--init", help="default, or rq-exact: the untrained model reproduces the RQ exactly " + _default("init"))
     g.add_argument("--ivf", type=int, metavar="NLIST",
                    help="IVF-QINCo: step 0 is a frozen table of NLIST faiss k-means centroids of the training set "
                         "(default: 0, plain QINCo)")
@@ -155,7 +164,8 @@ def config_from_args(argv=None) -> TrainConfig:
             fail(f"--resume continues the run saved in {os.path.join(workdir, 'config.json')} with its own "
                  "settings; these flags differ from it: " + ", ".join(clash))
         return checked(TrainConfig(**{**saved, **{k: v for k, v in args.items() if k in RESUMABLE}, "workdir": workdir}))
-    cfg = checked(TrainConfig(**{**({} if real_data else DEMO), **args}))
+    preset = preset_fields(args["preset"]) if args.get("preset") else {}
+    cfg = checked(TrainConfig(**{**({} if real_data else DEMO), **preset, **args}))
     if saved is None:
         return cfg
     clash = _differences(saved, cfg.to_dict())

@@ -233,9 +233,10 @@ def batch_lr(cfg: TrainConfig, mcfg: qj.QincoConfig, lr: float, epoch: int, i: i
 
 
 def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, lr: float, norm: qj.Norm):
-    """One pass over xt in (seed, epoch)-shuffled global batches.
+    """One pass over xt in (seed, epoch)-shuffled global batches; returns (mean batch loss, host state).
 
-    Returns (mean batch loss, host state, last lr, the epoch's usage stats (QINCo2) or None).
+    QINCo2: the step size follows the schedule batch by batch, and codewords unused during the epoch
+    (counted over all devices) are reset at its end (spec 3.6).
     """
     v2 = mcfg.variant == "qinco2"
     step, n_local = training.train_step(mcfg, stats=v2), jax.local_device_count()
@@ -247,8 +248,7 @@ def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, l
     with Progress(nbatch, desc=f"epoch {epoch}", enabled=show) as bar:
         for i, idx in enumerate(data.batches(nt, cfg.batch_size, cfg.seed, epoch)):
             x, w = _global_batch(xt, idx, cfg.batch_size, norm)
-            lr = batch_lr(cfg, mcfg, lr, epoch, i, nbatch)
-            out = step(dev_state, *training.shard_batch(x, w, n_local), lr)
+            out = step(dev_state, *training.shard_batch(x, w, n_local), batch_lr(cfg, mcfg, lr, epoch, i, nbatch))
             dev_state, loss = out[:2]
             if v2:
                 stats = recipe.add_stats(stats, jax.tree.map(lambda a: a[0], out[2]))
@@ -258,7 +258,11 @@ def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, l
             pending = loss
         losses.append(float(pending[0]))
         bar.update(1, loss=float(np.mean(losses)))
-    return float(np.mean(losses)), training.unreplicate(dev_state), lr, None if stats is None else jax.device_get(stats)
+    state = training.unreplicate(dev_state)
+    if v2:
+        params, _ = recipe.reset_dead_codes(mcfg, state.params, jax.device_get(stats), cfg.seed, epoch)
+        state = state._replace(params=params)
+    return float(np.mean(losses)), state
 
 
 def check_finite(epoch: int, loss: float, params) -> None:
@@ -320,13 +324,10 @@ def fit(cfg: TrainConfig, ds: data.Dataset, state: LoopState, workdir, ckpts, lo
         train_state = state.train
         if not cfg.persistent_adam and mcfg.variant != "qinco2":  # the original v1 re-creates Adam every epoch
             train_state = training.init_state(train_state.params, mcfg)
-        loss, train_state, lr, stats = train_epoch(cfg, mcfg, train_state, ds.xt, epoch, lr, state.meta.norm())
+        loss, train_state = train_epoch(cfg, mcfg, train_state, ds.xt, epoch, lr, state.meta.norm())
         check_finite(epoch, loss, train_state.params)
-        if stats is not None:  # QINCo2: codewords unused during the epoch are reset (spec 3.6)
-            params, n_reset = recipe.reset_dead_codes(mcfg, train_state.params, stats, cfg.seed, epoch)
-            train_state = train_state._replace(params=params)
-            if n_reset:
-                log(f"epoch {epoch}: {n_reset} unused codewords reset")
+        nbatch = -(-ds.xt.shape[0] // cfg.batch_size)
+        lr = batch_lr(cfg, mcfg, lr, epoch, nbatch - 1, nbatch)  # QINCo2: the lr of the epoch's last batch
         state = end_of_epoch(cfg, ds, state._replace(train=train_state), epoch, loss, lr, t0, workdir, ckpts, log)
     if state.meta.stopped:
         log(f"learning rate below {training.MIN_LR:g}: stopping")

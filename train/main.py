@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"architecture preset of the QINCo2 code, one of {', '.join(sorted(MODEL_PRESETS))}; qinco2-* "
                         "train with QINCo2's recipe (lr 8e-4); the model flags override it (default: none)")
     g.add_argument("--de", type=int, help="QINCo2 embedding width (default: d)")
-    g.add_argument("--dh", dest="h", type=int, help="QINCo2 hidden width, the same as --h")
+    g.add_argument("--dh", dest="h", type=int, help="QINCo2 hidden width, the same as --h " + _default("h"))
     g.add_argument("--A", type=int, help="candidates pre-selected per beam, 0 for none " + _default("A"))
     g.add_argument("--B", type=int, help="beam width, 1 for greedy " + _default("B"))
     g.add_argument("--init", help="default, or rq-exact: the untrained model reproduces the RQ exactly " + _default("init"))

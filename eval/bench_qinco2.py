@@ -2,7 +2,7 @@
 vectors/s and as a share of the machine's matmul rate measured in the same run.
 
     python eval/bench_qinco2.py                   # d=128, M=8, K=256, random weights, CPU
-    python eval/bench_qinco2.py --n 512 --out eval/bench_qinco2.json
+    python eval/bench_qinco2.py --n 65536 --batch-size 4096 --matmul-n 8192   # an accelerator
 """
 
 from __future__ import annotations
@@ -27,23 +27,23 @@ def _codec(cfg: qj.QincoConfig, seed: int = 0) -> qj.Codec:
     return qj.Codec(cfg, params, 1.0)
 
 
-def time_encode(codec: qj.Codec, x: np.ndarray, repeats: int, **search) -> dict:
-    qj.encode(codec, x, **search)  # compile
-    t = best_of(lambda: qj.encode(codec, x, **search), repeats)
+def time_encode(codec: qj.Codec, x: np.ndarray, repeats: int, batch_size: int | None, **search) -> dict:
+    qj.encode(codec, x[: 2 * (batch_size or 1024)], batch_size=batch_size, **search)  # compile
+    t = best_of(lambda: qj.encode(codec, x, batch_size=batch_size, **search), repeats)
     A, B = codec_mod.search_policy(codec.config, search.get("beam"), search.get("candidates"))
     flops = codec.config.encode_flops_per_vector(A, B)
     return {"A": A, "B": B, "vps": len(x) / t, "us_per_vector": 1e6 * t / len(x), "gflops": flops * len(x) / t / 1e9}
 
 
-def run(d: int, n: int, repeats: int) -> dict:
+def run(d: int, n: int, repeats: int, batch_size: int | None = None, matmul_n: int = 2048) -> dict:
     rng = np.random.default_rng(1)
     v2 = _codec(qj.QincoConfig(**architecture("qinco2-S", d)))
     v1 = _codec(qj.QincoConfig(d=d, K=256, M=8, L=2, h=256))
     x = rng.normal(size=(n, d)).astype(np.float32)
-    res = {"d": d, "n": n, "platform": jax.local_devices()[0].platform, "matmul_gflops": matmul_gflops()}
-    res["qinco2_S_A16_B32"] = time_encode(v2, x, repeats, beam=32, candidates=16)
-    res["qinco1_greedy"] = time_encode(v1, x, repeats)
-    res["matmul_gflops_after"] = matmul_gflops()
+    res = {"d": d, "n": n, "platform": jax.local_devices()[0].platform, "matmul_gflops": matmul_gflops(matmul_n)}
+    res["qinco2_S_A16_B32"] = time_encode(v2, x, repeats, batch_size, beam=32, candidates=16)
+    res["qinco1_greedy"] = time_encode(v1, x, repeats, batch_size)
+    res["matmul_gflops_after"] = matmul_gflops(matmul_n)
     for k in ("qinco2_S_A16_B32", "qinco1_greedy"):
         res[k]["share_of_matmul"] = res[k]["gflops"] / max(res["matmul_gflops"], res["matmul_gflops_after"])
     return res
@@ -54,9 +54,11 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, help="vectors per jitted call (default: the codec's)")
+    ap.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul that gives the baseline rate")
     ap.add_argument("--out", help="write the result as JSON")
     args = ap.parse_args(argv)
-    res = run(args.d, args.n, args.repeats)
+    res = run(args.d, args.n, args.repeats, args.batch_size, args.matmul_n)
     print(json.dumps(res, indent=1))
     if args.out:
         from qinco_jax.files import write_json

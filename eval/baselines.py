@@ -139,3 +139,55 @@ def baseline_mse_by_bytes(names, xt, xb, max_M: int, nbits: int = 8, opts: dict 
             curve.append(metrics.stream_evaluate(xb, decoded_chunks(b, xb))[0])
         out[name] = curve
     return out
+
+
+# ----------------------------------------------------------------------------- search baselines
+
+SEARCH_BASELINES = ("IVF-PQ", "IVF-RQ", "IVF-PQfs")
+
+
+def search_baseline_name(name: str, nlist: int, M: int, nbits: int) -> str:
+    """The faiss factory-style name of a search baseline at M codes of nbits bits (PQfs: 2M codes of 4 bits)."""
+    coarse = f"IVF{nlist}," if nlist else ""
+    body = {"IVF-PQ": f"PQ{M}x{nbits}", "IVF-RQ": f"RQ{M}x{nbits}_Nqint8", "IVF-PQfs": f"PQ{M * nbits // 4}x4fs"}
+    return coarse + body[name]
+
+
+def train_search_baseline(name: str, xt, M: int, nbits: int = 8, centroids=None):
+    """A trained, empty faiss search index of the same size as an M x nbits code: IVF-PQ (PQ{M}x{nbits}),
+    IVF-RQ (RQ{M}x{nbits} with a 1-byte quantized norm, as the QINCo index stores) or IVF-PQfs (PQ{2M}x4 fast
+    scan, for nbits=8). With centroids (nlist, d) the coarse quantizer holds exactly those (the QINCo codec's
+    IVF centroids, so every method probes the same lists); without, the flat variant (PQ, RQ, PQfs)."""
+    import faiss
+
+    xt = np.ascontiguousarray(checks.vectors(xt, None, "xt"), dtype=np.float32)
+    d = xt.shape[1]
+    if name not in SEARCH_BASELINES:
+        raise QincoInputError(f"unknown search baseline {name!r}; choose from {', '.join(SEARCH_BASELINES)}")
+    m_pq = M * nbits // 4 if name == "IVF-PQfs" else M
+    if name != "IVF-RQ" and d % m_pq:
+        raise BaselineUnavailable(f"{name} needs {m_pq} sub-vectors to divide d={d}")
+    st = faiss.AdditiveQuantizer.ST_norm_qint8
+    if centroids is None:
+        index = {"IVF-PQ": lambda: faiss.IndexPQ(d, M, nbits),
+                 "IVF-RQ": lambda: faiss.IndexResidualQuantizer(d, M, nbits, faiss.METRIC_L2, st),
+                 "IVF-PQfs": lambda: faiss.IndexPQFastScan(d, m_pq, 4)}[name]()
+    else:
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        nlist = centroids.shape[0]
+        quantizer = faiss.IndexFlatL2(d)
+        quantizer.add(centroids)
+        index = {"IVF-PQ": lambda: faiss.IndexIVFPQ(quantizer, d, nlist, M, nbits),
+                 "IVF-RQ": lambda: faiss.IndexIVFResidualQuantizer(quantizer, d, nlist, M, nbits,
+                                                                   faiss.METRIC_L2, st),
+                 "IVF-PQfs": lambda: faiss.IndexIVFPQFastScan(quantizer, d, nlist, m_pq, 4)}[name]()
+        quantizer.this.disown()
+        index.own_fields = True
+    index.train(xt)
+    return index
+
+
+def add_in_chunks(index, xb, chunk: int = 65536) -> None:
+    """Add a (memory-mapped) database to a faiss index chunk by chunk, as float32."""
+    for i0 in range(0, xb.shape[0], chunk):
+        index.add(np.ascontiguousarray(xb[i0:i0 + chunk], dtype=np.float32))

@@ -69,3 +69,46 @@ def plot_rate_distortion(curves: dict, path, title: str = "") -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.savefig(os.fspath(path), dpi=100, format="png")
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (recall, qps) points not dominated by another (higher or equal in both), sorted by recall."""
+    pts = sorted(set(p for p in points if p[0] is not None and p[1] is not None), key=lambda p: (-p[0], -p[1]))
+    front, best_qps = [], -math.inf
+    for r, q in pts:
+        if q > best_qps:
+            front.append((r, q))
+            best_qps = q
+    return sorted(front)
+
+
+def plot_qps_recall(curves: dict, path, ks=(1, 10), title: str = "") -> None:
+    """PNG with one panel per k: QPS (log scale) against R@k, the Pareto front of each method as a line and
+    every measured setting as a faint dot; curves = {method: [row dicts with 'qps' and 'r{k}']}."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'qinco-jax[plots]' (or pip install matplotlib)") from None
+    fig = Figure(figsize=(6.0 * len(ks), 4.8))
+    FigureCanvasAgg(fig)
+    markers = "osD^v<>ph*"
+    for j, k in enumerate(ks):
+        ax = fig.add_subplot(1, len(ks), j + 1)
+        for i, (name, rows) in enumerate(curves.items()):
+            pts = [(r.get(f"r{k}"), r.get("qps")) for r in rows]
+            pts = [p for p in pts if p[0] is not None and p[1] is not None and p[1] > 0]
+            if not pts:
+                continue
+            color = f"C{i % 10}"
+            ax.scatter(*zip(*pts), s=8, alpha=0.3, color=color)
+            ax.plot(*zip(*pareto(pts)), marker=markers[i % len(markers)], color=color, label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"R@{k}")
+        ax.set_ylabel("queries per second")
+        ax.set_title(f"{title} QPS vs R@{k}".strip())
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=100, format="png")

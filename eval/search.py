@@ -1,0 +1,347 @@
+"""Build a search index over QINCo codes and sweep its operating points against faiss baselines.
+
+    python eval/search.py build --model runs/ivf --db base.u8bin --train learn.u8bin --nt 100000 --out idx
+    python eval/search.py search --index idx --queries query.u8bin --gt gt.bin \\
+        --nprobe 1,4,16,64 --nshort 10,100,1000 --baselines --ceiling --out idx/search.json
+
+build: encodes the training vectors (the first --nt) and the database with the codec into memory-mapped code
+files in resumable parts (a killed build, run again with the same arguments, continues from the last finished
+part; under --distributed every process encodes its slice), fits additive tables to the training codes by least
+squares, and writes a faiss index holding the database's QINCo codes (IVF codecs: IndexIVFResidualQuantizer
+over the codec's IVF centroids; plain codecs: IndexResidualQuantizer, a flat additive scan). --pairwise N also
+fits a pairwise additive decoder of N tables.
+
+search: for every nprobe x nshort x pairwise factor, the additive shortlist of nshort (x factor) candidates, the
+pairwise stage (factor > 1), the QINCo decode of the nshort survivors and the exact L2 re-rank; it reports QPS,
+R@1/10/100 before and after the re-rank and the time of each stage. --baselines adds faiss IVF-PQ, IVF-RQ and
+IVF-PQfs of the same bytes per vector and the same IVF lists; --ceiling adds exact search over the fully decoded
+QINCo database. Results go to a JSON file and a plot of QPS against R@1 and R@10 (Pareto fronts).
+Timings are wall-clock over the whole query set, after a warm-up (JIT compilation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # `python eval/search.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import qinco_jax as qj  # noqa: E402
+from eval import baselines, metrics, report  # noqa: E402
+from qinco_jax import data  # noqa: E402
+from qinco_jax import search as S  # noqa: E402
+from qinco_jax.checks import QincoInputError  # noqa: E402
+
+KS = (1, 10, 100)
+COLUMNS = ("method", "nprobe", "nshort", "pf", "qps", "r1", "r10", "r100", "r1_short", "r10_short",
+           "t_short_ms", "t_pair_ms", "t_decode_ms", "t_rerank_ms")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def int_list(s: str) -> list[int]:
+    try:
+        out = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="encode the database and build the index")
+    b.add_argument("--model", required=True, help="saved codec directory, training workdir or .pt file")
+    b.add_argument("--db", required=True, help="database vectors (.fvecs .bvecs .fbin .u8bin .npy ...; memory-mapped)")
+    b.add_argument("--train", required=True, help="training vectors for the additive tables")
+    b.add_argument("--nt", type=int, default=100_000, help="use the first nt training vectors (default 100000)")
+    b.add_argument("--out", required=True, help="index folder (created; a rerun resumes the encoding)")
+    b.add_argument("--norm", default="qint8", choices=S.NORMS, help="stored norm encoding (default qint8: 1 byte)")
+    b.add_argument("--hnsw", type=int, default=0, help="HNSW coarse quantizer with this many links (0: flat)")
+    b.add_argument("--pairwise", type=int, default=0, help="fit a pairwise additive decoder of this many tables")
+    b.add_argument("--pairwise-sub", type=int, default=2, help="IVF sub-codes in the pairwise code pool")
+    b.add_argument("--part-size", type=int, default=S.DEFAULT_PART, help="vectors per resumable part")
+    b.add_argument("--batch-size", type=int, help="vectors per jitted encode call")
+    b.add_argument("--distributed", action="store_true", help="jax.distributed.initialize(); each process "
+                   "encodes its slice, process 0 builds the index")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
+    s = sub.add_parser("search", help="sweep nprobe x nshort and report QPS and recalls")
+    s.add_argument("--index", required=True, help="index folder from `build`")
+    s.add_argument("--model", help="the codec (default: the path recorded at build time)")
+    s.add_argument("--queries", required=True)
+    s.add_argument("--gt", help="ground-truth ids (default: exact search in the raw database)")
+    s.add_argument("--nprobe", type=int_list, default=[1, 4, 16, 64])
+    s.add_argument("--nshort", type=int_list, default=[10, 100, 1000])
+    s.add_argument("--pairwise-factor", type=int_list, default=[1],
+                   help="with a pairwise decoder: the additive stage keeps factor x nshort (1: no pairwise stage)")
+    s.add_argument("--ef-search", type=int, help="efSearch of an HNSW coarse quantizer")
+    s.add_argument("--baselines", nargs="?", const=",".join(baselines.SEARCH_BASELINES), metavar="LIST",
+                   help=f"faiss baselines of the same size: {','.join(baselines.SEARCH_BASELINES)} or a subset")
+    s.add_argument("--nt-baselines", type=int, default=100_000, help="training vectors of the baselines")
+    s.add_argument("--ceiling", action="store_true", help="exact search over the fully decoded QINCo database")
+    s.add_argument("--db", help="raw database (baselines, ceiling-free gt; default: the build's)")
+    s.add_argument("--train", help="baseline training vectors (default: the build's)")
+    s.add_argument("--threads", type=int, help="faiss OpenMP threads")
+    s.add_argument("--out", help="results JSON (default: INDEX/search.json)")
+    s.add_argument("--plot", help="QPS-recall PNG (default: the JSON path with .png)")
+    return ap
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _vectors(path: str, d: int, what: str, n: int | None = None) -> np.ndarray:
+    x = data.read_vectors(path)
+    if x.shape[1] != d:
+        raise QincoInputError(f"the model encodes d={d} vectors but the {what} ({path}) has dimension {x.shape[1]}")
+    if n is not None:
+        if n < 1:
+            raise QincoInputError(f"--nt must be >= 1, got {n}")
+        x = x[:n]
+    return x
+
+
+def build(args) -> dict:
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+    codec = qj.load(args.model)
+    cfg = codec.config
+    xb = _vectors(args.db, cfg.d, "database")
+    xt = _vectors(args.train, cfg.d, "training vectors", args.nt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    centroids = S.ivf_centroids(codec)
+    times = {}
+    t0 = time.perf_counter()
+    for what, x, sub in (("training", xt, "train_codes"), ("database", xb, S.DB_CODES)):
+        st = S.codes_status(out / sub) if (out / sub / S.MANIFEST).exists() else None
+        if st and st["done"]:
+            log(f"{what}: {st['done']:,} of {st['n']:,} vectors already encoded, continuing")
+        log(f"encoding {x.shape[0]:,} {what} vectors into {out / sub}")
+        t = time.perf_counter()
+        S.encode_database(codec, x, out / sub, part_size=args.part_size, batch_size=args.batch_size,
+                          progress=args.progress)
+        times[f"encode_{what}_s"] = time.perf_counter() - t
+    if args.distributed:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("qinco_search_encoded")
+        if jax.process_index() != 0:
+            return {}
+    ct = S.open_codes(out / "train_codes", codec)
+    db = S.open_codes(out / S.DB_CODES, codec)
+    log(f"least-squares additive tables from {ct.shape[0]:,} training codes")
+    t = time.perf_counter()
+    tables = S.lstsq_tables(ct, xt, cfg.K, centroids=centroids, progress=args.progress)
+    times["lstsq_s"] = time.perf_counter() - t
+    steps = np.asarray(ct[:, 1:] if centroids is not None else ct)
+    target = S.targets(xt, np.asarray(ct[:, 0]) if centroids is not None else None, centroids)
+    mse_train = float(np.mean(np.sum(np.square(S.additive_decode(tables, steps) - target), axis=1)))
+    t = time.perf_counter()
+    index = S.new_index(tables, centroids, norm=args.norm, train_norms=S.additive_norms(tables, steps),
+                        hnsw=args.hnsw)
+    S.add_codes(index, tables, db, progress=args.progress)
+    times["index_s"] = time.perf_counter() - t
+    pairwise, mse_pairwise = None, None
+    if args.pairwise:
+        log(f"pairwise decoder: {args.pairwise} tables")
+        t = time.perf_counter()
+        pairwise = S.train_pairwise(np.asarray(ct), xt, cfg.K, args.pairwise, centroids=centroids,
+                                    n_sub=args.pairwise_sub, progress=args.progress)
+        times["pairwise_s"] = time.perf_counter() - t
+        rec = pairwise.decode(np.asarray(ct))
+        mse_pairwise = float(np.mean(np.sum(np.square(rec - np.asarray(xt, np.float32)), axis=1)))
+    times["total_s"] = time.perf_counter() - t0
+    info = {"model": os.path.abspath(args.model), "db": os.path.abspath(args.db), "train": os.path.abspath(args.train),
+            "nt": int(xt.shape[0]), "nb": int(xb.shape[0]), "norm": args.norm, "hnsw": args.hnsw,
+            "code_bytes": int(index.code_size), "times": times, "additive_mse_train": mse_train,
+            "pairwise_tables": args.pairwise, "pairwise_mse_train": mse_pairwise}
+    S.save_index(out, codec, index, tables, pairwise=pairwise, info=info)
+    log(f"index: {index.ntotal:,} vectors, {index.code_size} bytes per code; additive MSE on the training set "
+        f"{mse_train:.6g}" + (f", pairwise {mse_pairwise:.6g}" if pairwise is not None else "")
+        + f"; {times['total_s']:.1f}s")
+    print(f"index: {out}")
+    return info
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def recall_cols(I: np.ndarray, gt: np.ndarray, n_valid: int, suffix: str = "") -> dict:
+    """r1/r10/r100 (None where fewer than k candidates were kept)."""
+    ks = [k for k in KS if k <= min(n_valid, I.shape[1])]
+    got = metrics.recalls(I, gt, ks) if ks else {}
+    return {f"r{k}{suffix}": got.get(k) for k in KS}
+
+
+def warm_up(codec, p: S.Pipeline, xq: np.ndarray) -> None:
+    """Compile the decoder for every chunk size a search may use and touch the faiss index."""
+    ncol = S.num_codes(codec.config)
+    c = 1
+    while c <= 1024:
+        qj.decode(codec, np.zeros((c, ncol), np.int32))
+        c *= 2
+    S.search(p, xq[:2], k=1, nshort=1, nprobe=1)
+
+
+def qinco_rows(p: S.Pipeline, xq, gt, args) -> list[dict]:
+    rows, nq = [], xq.shape[0]
+    probes = args.nprobe if p.ivf else [1]
+    name = "IVF-QINCo" if p.ivf else "QINCo"
+    for nprobe in probes:
+        for nshort in args.nshort:
+            for pf in args.pairwise_factor:
+                if pf > 1 and p.pairwise is None:
+                    raise QincoInputError("--pairwise-factor > 1 needs an index built with --pairwise N")
+                r = S.search(p, xq, k=max(KS), nshort=nshort, nprobe=nprobe, pairwise_factor=pf,
+                             ef_search=args.ef_search)
+                t = r.times
+                row = {"method": name + (" +pairwise" if pf > 1 else ""), "nprobe": nprobe if p.ivf else None,
+                       "nshort": nshort, "pf": pf, "qps": nq / t["total"]}
+                row.update(recall_cols(r.I, gt, nshort))
+                row.update(recall_cols(r.I_short, gt, nshort, "_short"))
+                row.update({f"t_{k}_ms": t[v] * 1e3 / nq for k, v in
+                            (("short", "shortlist"), ("pair", "pairwise"), ("decode", "decode"),
+                             ("rerank", "rerank"))})
+                rows.append(row)
+                log(" ".join(f"{k}={report.format_value(k, row.get(k))}" for k in COLUMNS))
+                if pf == 1:  # the same shortlist without the QINCo stage
+                    short = {"method": name + " shortlist (no re-rank)", "nprobe": row["nprobe"], "nshort": nshort,
+                             "pf": 1, "qps": nq / t["shortlist"], "t_short_ms": row["t_short_ms"]}
+                    short.update({f"r{k}": row[f"r{k}_short"] for k in KS})
+                    rows.append(short)
+    return rows
+
+
+def baseline_rows(names, centroids, M, nbits, xt, xb, xq, gt, args) -> list[dict]:
+    import faiss
+
+    rows = []
+    probes = args.nprobe if centroids is not None else [None]
+    for name in names:
+        label = baselines.search_baseline_name(name, 0 if centroids is None else centroids.shape[0], M, nbits)
+        log(f"{label}: training on {xt.shape[0]:,} vectors, adding {xb.shape[0]:,}")
+        t0 = time.perf_counter()
+        try:
+            index = baselines.train_search_baseline(name, xt, M, nbits, centroids)
+        except baselines.BaselineUnavailable as e:
+            log(f"{label}: n/a ({e})")
+            rows.append({"method": label, "note": str(e)})
+            continue
+        baselines.add_in_chunks(index, xb)
+        build_s = time.perf_counter() - t0
+        for nprobe in probes:
+            if nprobe is not None:
+                faiss.extract_index_ivf(index).nprobe = nprobe
+            index.search(xq[:8], max(KS))
+            t = time.perf_counter()
+            _, I = index.search(np.ascontiguousarray(xq, np.float32), max(KS))
+            dt = time.perf_counter() - t
+            row = {"method": label, "nprobe": nprobe, "qps": xq.shape[0] / dt, "build_s": build_s,
+                   "t_short_ms": dt * 1e3 / xq.shape[0]}
+            row.update(recall_cols(I, gt, max(KS)))
+            rows.append(row)
+            log(" ".join(f"{k}={report.format_value(k, row.get(k))}" for k in COLUMNS))
+    return rows
+
+
+def ceiling_row(codec, db_codes, xq, gt) -> dict:
+    """Exact search over the fully decoded QINCo database (the best any re-rank can do)."""
+    xhat = np.empty((db_codes.shape[0], codec.config.d), np.float32)
+    for i in range(0, db_codes.shape[0], 65536):
+        xhat[i:i + 65536] = qj.decode(codec, np.asarray(db_codes[i:i + 65536]))
+    t = time.perf_counter()
+    _, I = metrics.knn_search(xq, xhat, max(KS))
+    dt = time.perf_counter() - t
+    row = {"method": "QINCo decoded, exact search (ceiling)", "qps": xq.shape[0] / dt}
+    row.update(recall_cols(I, gt, max(KS)))
+    return row
+
+
+def search_cmd(args) -> dict:
+    import faiss
+
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    meta = S.read_index_meta(args.index)
+    model = args.model or meta.get("model")
+    codec = qj.load(model)
+    p = S.load_pipeline(args.index, codec)
+    cfg = codec.config
+    xq = data.read_vectors(args.queries, mmap=False)
+    if xq.shape[1] != cfg.d:
+        raise QincoInputError(f"the queries ({args.queries}) have dimension {xq.shape[1]}, the index holds "
+                              f"d={cfg.d} vectors")
+    xq = np.ascontiguousarray(xq, np.float32)
+    if p.ivf and max(args.nprobe) > p.nlist:
+        raise QincoInputError(f"--nprobe {max(args.nprobe)} is larger than the index's number of lists "
+                              f"nlist={p.nlist}")
+    names = [n.strip() for n in (args.baselines or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in baselines.SEARCH_BASELINES]
+    if unknown:
+        raise QincoInputError(f"unknown baseline(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join(baselines.SEARCH_BASELINES)}")
+    xb = None
+    if names or args.gt is None:
+        xb = data.read_vectors(args.db or meta["db"])
+        if xb.shape[0] != p.index.ntotal:
+            raise QincoInputError(f"the database {args.db or meta['db']} holds {xb.shape[0]:,} vectors, the index "
+                                  f"{p.index.ntotal:,}")
+    if args.gt is None:
+        log("no ground truth: exact search in the raw database")
+        gt = metrics.exact_groundtruth(xq, xb, max(KS))
+    else:
+        gt = metrics.check_groundtruth(data.read_groundtruth(args.gt), p.index.ntotal, xq.shape[0])
+    warm_up(codec, p, xq)
+    rows = qinco_rows(p, xq, gt, args)
+    if names:
+        xt = data.read_vectors(args.train or meta["train"])
+        xt = np.ascontiguousarray(xt[: min(args.nt_baselines, xt.shape[0])], np.float32)
+        nbits = int(round(np.log2(cfg.K)))
+        rows += baseline_rows(names, S.ivf_centroids(codec), cfg.M, nbits, xt, xb, xq, gt, args)
+    if args.ceiling:
+        rows.append(ceiling_row(codec, p.db_codes, xq, gt))
+        log(f"ceiling: R@1 {rows[-1]['r1']:.3f}, R@10 {rows[-1]['r10']:.3f}")
+    res = {"index": os.path.abspath(args.index), "model": os.path.abspath(model), "config": cfg.to_dict(),
+           "nq": int(xq.shape[0]), "ntotal": int(p.index.ntotal), "nlist": p.nlist,
+           "code_bytes": meta.get("code_bytes"), "build": meta.get("times"), "rows": rows,
+           "faiss_threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count()}
+    out = Path(args.out) if args.out else Path(args.index) / "search.json"
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    print(report.format_table(rows, COLUMNS))
+    curves: dict = {}
+    for r in rows:
+        curves.setdefault(r["method"], []).append(r)
+    try:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        report.plot_qps_recall(curves, plot, title=f"{p.index.ntotal:,} vectors,")
+        res["plot"] = str(plot.absolute())
+    except RuntimeError as e:
+        log(f"no plot: {e}")
+    report.write_json(out, res)
+    print(f"results: {out}" + (f"\nplot: {plot}" if "plot" in res else ""))
+    return res
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        build(args) if args.cmd == "build" else search_cmd(args)
+    except (QincoInputError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

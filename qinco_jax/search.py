@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 
 import jax
@@ -34,6 +33,7 @@ import numpy as np
 
 from qinco_jax import checks, codec as codec_mod
 from qinco_jax.checks import QincoInputError
+from qinco_jax.files import write_json
 from qinco_jax.progress import Progress
 
 CODES_FORMAT = "qinco_jax.codes/1"
@@ -97,23 +97,6 @@ def require_flat(codec, what: str) -> None:
     if nlist_of(codec):
         raise QincoInputError(f"{what} needs a plain QINCo codec without IVF, but this codec has an IVF step "
                               f"(nlist={nlist_of(codec)}); use the IVF pipeline for it")
-
-
-def _write_json(path: str, obj) -> None:
-    """Write obj as JSON atomically (temporary file in the same folder, then os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -306,7 +289,7 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
             other = "made with another codec" if "fingerprint" in diff else "with other settings"
             raise QincoInputError(f"{out_dir} holds a codes build {other} ({what}); use another folder or delete it")
     else:
-        _write_json(mpath, manifest)
+        write_json(mpath, manifest)
     codes = _open_shared_npy(os.path.join(out_dir, CODES_FILE), dtype, (n, ncol))
     lo, hi = process_slice(n, r, R)
     ppath = _progress_path(out_dir, r, R)
@@ -319,10 +302,10 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
             stop = min(hi, start + part_size)
             codes[start:stop] = codec_mod.encode(codec, x[start:stop], batch_size=batch_size)
             codes.flush()
-            _write_json(ppath, {"rows_done": stop, "lo": lo, "hi": hi})
+            write_json(ppath, {"rows_done": stop, "lo": lo, "hi": hi})
             bar.update(stop - start)
     if done == lo and hi == lo:
-        _write_json(ppath, {"rows_done": hi, "lo": lo, "hi": hi})
+        write_json(ppath, {"rows_done": hi, "lo": lo, "hi": hi})
     del codes
     return out_dir
 
@@ -803,7 +786,7 @@ def save_index(out_dir, codec, index, tables: np.ndarray, *, pairwise=None, info
     meta = {"format": INDEX_FORMAT, "fingerprint": fingerprint(codec), "config": cfg.to_dict(),
             "nlist": nlist_of(codec), "ntotal": int(index.ntotal), "pairwise": pairwise is not None,
             **(info or {})}
-    _write_json(os.path.join(out_dir, INDEX_META), meta)
+    write_json(os.path.join(out_dir, INDEX_META), meta)
     return out_dir
 
 

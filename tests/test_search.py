@@ -66,28 +66,34 @@ def test_lstsq_tables_memmap_input_and_bad_codes(tmp_path):
 # ----------------------------------------------------------------------------- faiss index over the codes
 
 
-def _index_setup(ivf, norm, seed=0):
+def _index_setup(ivf, norm, seed=0, hnsw=0):
     rng = np.random.default_rng(seed)
     n, M, K, d, nlist = 400, 3, 16, 8, 6
     steps = rng.integers(0, K, (n, M))
     tables = rng.normal(size=(M, K, d)).astype(np.float32)
     cent = rng.normal(size=(nlist, d)).astype(np.float32) * 4 if ivf else None
     codes = np.concatenate([rng.integers(0, nlist, (n, 1)), steps], 1) if ivf else steps
-    index = S.new_index(tables, cent, norm=norm, train_norms=S.additive_norms(tables, steps))
+    index = S.new_index(tables, cent, norm=norm, train_norms=S.additive_norms(tables, steps), hnsw=hnsw)
     S.add_codes(index, tables, codes, chunk=150)
     return index, tables, cent, codes, rng
 
 
-@pytest.mark.parametrize("ivf", [False, True])
+@pytest.mark.parametrize("ivf,hnsw", [(False, 0), (True, 0), (True, 4)])
 @pytest.mark.parametrize("norm", ["float", "qint8"])
-def test_index_distances_equal_brute_force(ivf, norm):
+def test_index_distances_equal_brute_force(ivf, hnsw, norm):
     """faiss's LUT distances over our codes equal ||q - (c + sum_m T_m[i_m])||^2 computed in numpy."""
-    index, tables, cent, codes, rng = _index_setup(ivf, norm)
+    index, tables, cent, codes, rng = _index_setup(ivf, norm, hnsw=hnsw)
     assert index.ntotal == codes.shape[0]
     xq = rng.normal(size=(5, tables.shape[2])).astype(np.float32) * 3
     k = 50
     if ivf:
         index.nprobe = index.nlist  # every list: the result must be the exact additive top-k
+        if hnsw:
+            import faiss
+
+            quantizer = faiss.downcast_index(index.quantizer)
+            assert quantizer.ntotal == cent.shape[0] and hasattr(quantizer, "hnsw")
+            quantizer.hnsw.efSearch = 16
         D, I, raw = index.search_and_return_codes(xq, k, include_listnos=True)
         cc = index.coarse_code_size()
         got = np.concatenate([S.decode_listnos(raw[..., :cc])[..., None], S.unpack_codes(raw[..., cc:], 3, 4)], -1)
@@ -264,3 +270,17 @@ def test_pipeline_bad_input(flat_setup, tmp_path):
         S.search(p, xq, pairwise_factor=2)
     with pytest.raises(QincoInputError, match="not a search index"):
         S.load_pipeline(tmp_path, codec)
+
+
+def test_ivf_index_survives_faiss_files(tmp_path):
+    import faiss
+
+    index, tables, _, _, rng = _index_setup(True, "qint8", hnsw=4)
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    back = faiss.read_index(str(tmp_path / "i.faiss"))
+    xq = rng.normal(size=(4, tables.shape[2])).astype(np.float32)
+    index.nprobe = back.nprobe = 3
+    a, b = index.search_and_return_codes(xq, 10, include_listnos=True), back.search_and_return_codes(
+        xq, 10, include_listnos=True)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)

@@ -811,12 +811,14 @@ def load_pipeline(index_dir, codec) -> Pipeline:
 
     index_dir = os.path.abspath(os.fspath(index_dir))
     meta = read_index_meta(index_dir)
+    if meta["nlist"] and not nlist_of(codec):
+        require_ivf(codec, f"the IVF index {index_dir} (nlist={meta['nlist']})")
+    if not meta["nlist"] and nlist_of(codec):
+        require_flat(codec, f"the flat index {index_dir}")
     if meta["fingerprint"] != fingerprint(codec):
         raise QincoInputError(
             f"{index_dir} was built with another model (codec fingerprint {meta['fingerprint'][:12]}, this "
             f"model's {fingerprint(codec)[:12]}; built from {meta.get('model', 'an unknown path')})")
-    if meta["nlist"] != nlist_of(codec):
-        raise QincoInputError(f"{index_dir} has nlist={meta['nlist']}, the codec {nlist_of(codec)}")
     db_codes = open_codes(os.path.join(index_dir, DB_CODES), codec)
     index = faiss.read_index(os.path.join(index_dir, INDEX_FAISS))
     if index.ntotal != db_codes.shape[0]:

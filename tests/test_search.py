@@ -177,6 +177,7 @@ print("parts encoded:", len(calls))
 """
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_identical_codes(tmp_path, tiny_codec):
     """SIGKILL a build in a subprocess; the interrupted codes are refused; a rerun continues from the last
     finished part (it encodes only the rest) and the codes equal an uninterrupted build's."""

@@ -549,15 +549,20 @@ class PairwiseDecoder:
             return cls(**{k: z[k] for k in z.files})
 
 
-def ivf_subcodes(centroids: np.ndarray, n_sub: int, K: int) -> tuple[np.ndarray, int]:
-    """(nlist, n_sub) sub-codes of the IVF centroids from a faiss residual quantizer of n_sub stages, and the
-    words per stage (K, or fewer when there are few centroids)."""
-    from qinco_jax import faiss_ops
+def ivf_subcodes(centroids: np.ndarray, n_sub: int, K: int, seed: int = 0) -> tuple[np.ndarray, int]:
+    """(nlist, n_sub) sub-codes of the IVF centroids from n_sub stages of residual k-means (faiss), and the
+    words per stage: K, or nlist // 4 when there are few centroids."""
+    import faiss
 
-    nbits = max(1, min(int(round(math.log2(K))), int(math.log2(max(2, centroids.shape[0] // 4)))))
-    rq = faiss_ops.train_rq(np.asarray(centroids, np.float32), n_sub, 1 << nbits)
-    packed = rq.compute_codes(np.ascontiguousarray(centroids, np.float32))
-    return unpack_codes(packed, n_sub, nbits), 1 << nbits
+    res = np.ascontiguousarray(centroids, np.float32).copy()
+    ks = int(max(2, min(K, res.shape[0] // 4)))
+    out = np.empty((res.shape[0], n_sub), np.int64)
+    for s in range(n_sub):
+        km = faiss.Kmeans(res.shape[1], ks, niter=20, seed=seed + s)
+        km.train(res)
+        out[:, s] = km.index.search(res, 1)[1][:, 0]
+        res -= km.centroids[out[:, s]]
+    return out, ks
 
 
 def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, n_sub: int = 2, shrink: float = 2.0,

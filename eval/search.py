@@ -270,6 +270,22 @@ def ceiling_row(codec, db_codes, xq, gt) -> dict:
     return row
 
 
+QPS_LEVELS = (30, 100, 300, 1000, 3000, 10000)
+
+
+def best_at_qps(rows: list[dict], k: int = 1, levels=QPS_LEVELS) -> list[dict]:
+    """For each method, the best R@k among its settings that reach at least each QPS level (None if none)."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method and r.get(f"r{k}") is not None and r.get("qps")]
+        row = {"method": method}
+        for q in levels:
+            ok = [r[f"r{k}"] for r in mine if r["qps"] >= q]
+            row[f"qps>={q}"] = max(ok) if ok else None
+        out.append(row)
+    return out
+
+
 def search_cmd(args) -> dict:
     import faiss
 
@@ -321,6 +337,10 @@ def search_cmd(args) -> dict:
     out = Path(args.out) if args.out else Path(args.index) / "search.json"
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     print(report.format_table(rows, COLUMNS))
+    for k in (1, 10):
+        res[f"best_r{k}_at_qps"] = best_at_qps(rows, k)
+        print(f"\nbest R@{k} at a given QPS or more:")
+        print(report.format_table(res[f"best_r{k}_at_qps"], ["method"] + [f"qps>={q}" for q in QPS_LEVELS]))
     curves: dict = {}
     for r in rows:
         curves.setdefault(r["method"], []).append(r)

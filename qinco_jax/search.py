@@ -133,16 +133,17 @@ def targets(x: np.ndarray, lists: np.ndarray | None, centroids: np.ndarray | Non
     return x if lists is None else x - centroids[lists]
 
 
-def sum_rows_by_label(labels: np.ndarray, x: np.ndarray, nlabels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sums (nlabels, d) float64, counts (nlabels,)) of the rows of x grouped by integer label (sort + reduceat)."""
+def sum_rows_by_label(labels: np.ndarray, x: np.ndarray, nlabels: int,
+                      dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """(sums (nlabels, d), counts (nlabels,)) of the rows of x grouped by integer label (sort + reduceat)."""
     labels = np.asarray(labels, np.int64)
     counts = np.bincount(labels, minlength=nlabels)
-    sums = np.zeros((nlabels, x.shape[1]), np.float64)
+    sums = np.zeros((nlabels, x.shape[1]), dtype)
     if labels.size:
         order = np.argsort(labels, kind="stable")
         present = np.flatnonzero(counts)
         starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]])
-        sums[present] = np.add.reduceat(np.asarray(x, np.float64)[order], starts, axis=0)
+        sums[present] = np.add.reduceat(np.asarray(x, dtype)[order], starts, axis=0)
     return sums, counts
 
 
@@ -566,13 +567,13 @@ def ivf_subcodes(centroids: np.ndarray, n_sub: int, K: int, seed: int = 0) -> tu
 
 
 def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, n_sub: int = 2, shrink: float = 2.0,
-                   progress: bool = False) -> PairwiseDecoder:
+                   n_score: int = 50_000, progress: bool = False) -> PairwiseDecoder:
     """Greedy pairwise additive decoder fitted to training vectors (spec v2 §5.2, with shrunk cell means).
 
-    Each round scores every pair of pool positions by the drop of the training squared error that subtracting
-    its shrunk cell means sum / (count + shrink) gives, keeps the best pair (a pair may come back), subtracts
-    its reconstruction from the target and goes on, n_tables times. The target is x (flat) or x - c[list].
-    Holds the training set in memory (n x d float32).
+    Each round scores every pair of pool positions, on the first n_score vectors, by the drop of the squared
+    error that subtracting its shrunk cell means sum / (count + shrink) gives; it keeps the best pair (a pair
+    may come back), fits its table on all vectors, subtracts its reconstruction from the target and goes on,
+    n_tables times. The target is x (flat) or x - c[list]. Holds the training set in memory (n x d float32).
     """
     x = checks.vectors(x, None, "training vectors")
     if centroids is not None:
@@ -592,13 +593,16 @@ def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, n_sub: in
         for _ in range(checks.batch_size(n_tables, "n_tables")):
             best = None
             for a, b in cand:
-                joint = pool[:, a] * sizes[b] + pool[:, b]
-                sums, counts = sum_rows_by_label(joint, target, int(sizes[a] * sizes[b]))
+                joint = pool[:n_score, a] * sizes[b] + pool[:n_score, b]
+                sums, counts = sum_rows_by_label(joint, target[:n_score], int(sizes[a] * sizes[b]), np.float32)
                 gain = float((np.einsum("kd,kd->k", sums, sums) * (counts + 2 * shrink)
-                              / np.square(counts + shrink + 1e-30)).sum())
+                              / np.square(np.maximum(counts + shrink, 1e-12))).sum())
                 if best is None or gain > best[0]:
-                    best = (gain, a, b, (sums / (counts + shrink + 1e-30)[:, None]).astype(np.float32), joint)
-            _, a, b, table, joint = best
+                    best = (gain, a, b)
+            _, a, b = best
+            joint = pool[:, a] * sizes[b] + pool[:, b]
+            sums, counts = sum_rows_by_label(joint, target, int(sizes[a] * sizes[b]))
+            table = (sums / np.maximum(counts + shrink, 1e-12)[:, None]).astype(np.float32)
             target -= table[joint]
             pairs.append((a, b))
             tables.append(table)

@@ -74,7 +74,10 @@ def ivf_centroids(codec) -> np.ndarray | None:
 def fingerprint(codec) -> str:
     """sha256 (hex) of a codec's architecture, scale and parameter values: names the model an index was built with."""
     h = hashlib.sha256()
-    h.update(json.dumps(codec.config.to_dict(), sort_keys=True).encode())
+    # fields at their default are left out, so that a new config field with a default keeps old fingerprints
+    defaults = {f.name: f.default for f in dataclasses.fields(codec.config)}
+    arch = {k: v for k, v in codec.config.to_dict().items() if defaults.get(k, dataclasses.MISSING) != v}
+    h.update(json.dumps(arch, sort_keys=True).encode())
     h.update(repr(float(codec.scale)).encode())
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(codec.params))[0]
     for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
@@ -286,7 +289,7 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
         old = _read_json(mpath, "codes folder")
         diff = sorted(k for k in manifest if old.get(k) != manifest[k])
         if diff:
-            what = "; ".join(f"{k}: {old.get(k)!r} there, {manifest[k]!r} now" for k in diff if k != "fingerprint")
+            what = "; ".join(f"{k}: {str(old.get(k))[:12]!r} there, {str(manifest[k])[:12]!r} now" for k in diff)
             other = "made with another codec" if "fingerprint" in diff else "with other settings"
             raise QincoInputError(f"{out_dir} holds a codes build {other} ({what}); use another folder or delete it")
     else:

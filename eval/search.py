@@ -161,17 +161,28 @@ def build(args) -> dict:
         pairwise = S.train_pairwise(np.asarray(ct), xt, cfg.K, args.pairwise, centroids=centroids,
                                     n_sub=args.pairwise_sub, progress=args.progress)
         times["pairwise_s"] = time.perf_counter() - t
-        rec = pairwise.decode(np.asarray(ct))
-        mse_pairwise = float(np.mean(np.sum(np.square(rec - np.asarray(xt, np.float32)), axis=1)))
+        mse_pairwise = float(np.mean(np.sum(np.square(pairwise.decode(np.asarray(ct)) - np.asarray(xt, np.float32)),
+                                            axis=1)))
     times["total_s"] = time.perf_counter() - t0
+    # held-out errors: the first database vectors (not seen by the tables)
+    nh = min(20_000, xb.shape[0])
+    cb, xh = np.asarray(db[:nh]), np.asarray(xb[:nh], np.float32)
+    held = {"additive": S.additive_decode(tables, cb[:, 1:] if centroids is not None else cb)
+            + (centroids[cb[:, 0]] if centroids is not None else 0), "qinco": qj.decode(codec, cb)}
+    if pairwise is not None:
+        held["pairwise"] = pairwise.decode(cb)
+    mse_db = {k: float(np.mean(np.sum(np.square(v - xh), axis=1))) for k, v in held.items()}
     info = {"model": os.path.abspath(args.model), "db": os.path.abspath(args.db), "train": os.path.abspath(args.train),
             "nt": int(xt.shape[0]), "nb": int(xb.shape[0]), "norm": args.norm, "hnsw": args.hnsw,
             "code_bytes": int(index.code_size), "times": times, "additive_mse_train": mse_train,
-            "pairwise_tables": args.pairwise, "pairwise_mse_train": mse_pairwise}
+            "pairwise_tables": args.pairwise, "pairwise_mse_train": mse_pairwise,
+            "pairwise_tables_kept": 0 if pairwise is None else int(len(pairwise.pairs)),
+            "mse_db_first": {"n": nh, **mse_db}}
     S.save_index(out, codec, index, tables, pairwise=pairwise, info=info)
     log(f"index: {index.ntotal:,} vectors, {index.code_size} bytes per code; additive MSE on the training set "
         f"{mse_train:.6g}" + (f", pairwise {mse_pairwise:.6g}" if pairwise is not None else "")
-        + f"; {times['total_s']:.1f}s")
+        + f"; {times['total_s']:.1f}s; MSE on the first {nh:,} database vectors: "
+        + ", ".join(f"{k} {v:.6g}" for k, v in mse_db.items()))
     print(f"index: {out}")
     return info
 

@@ -569,14 +569,31 @@ def ivf_subcodes(centroids: np.ndarray, n_sub: int, K: int, seed: int = 0) -> tu
     return out, ks
 
 
-def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, n_sub: int = 2, shrink: float = 2.0,
-                   n_score: int = 50_000, progress: bool = False) -> PairwiseDecoder:
+SHRINKS = (0.5, 2.0, 8.0, 32.0)
+
+
+def _heldout_gains(joint, target, ncells: int, n_val: int, shrinks) -> np.ndarray:
+    """Drop of the squared error of rows [:n_val] when each row subtracts the shrunk mean sum / (count + s) of
+    its cell, the cell sums and counts taken over rows [n_val:] (one gain per shrink s)."""
+    sums, counts = sum_rows_by_label(joint[n_val:], target[n_val:], ncells, np.float32)
+    S = sums[joint[:n_val]]
+    u = np.einsum("nd,nd->n", target[:n_val], S, dtype=np.float64)
+    v = np.einsum("nd,nd->n", S, S, dtype=np.float64)
+    w = counts[joint[:n_val]].astype(np.float64)
+    return np.array([(2 * u / (w + s) - v / np.square(w + s)).sum() for s in shrinks])
+
+
+def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, n_sub: int = 2, n_val: int | None = None,
+                   shrinks=SHRINKS, progress: bool = False) -> PairwiseDecoder:
     """Greedy pairwise additive decoder fitted to training vectors (spec v2 §5.2, with shrunk cell means).
 
-    Each round scores every pair of pool positions, on the first n_score vectors, by the drop of the squared
-    error that subtracting its shrunk cell means sum / (count + shrink) gives; it keeps the best pair (a pair
-    may come back), fits its table on all vectors, subtracts its reconstruction from the target and goes on,
-    n_tables times. The target is x (flat) or x - c[list]. Holds the training set in memory (n x d float32).
+    A table for a pair (a, b) of pool positions holds, for each joint code, the shrunk mean
+    sum / (count + s) of the current target over the training vectors with that joint code. Each round scores
+    every pair and every shrink s on held-out rows: cell means from rows [n_val:], error drop measured on
+    rows [:n_val] (n_val: half the rows by default), so that pairs whose K^2 cells only memorise the training
+    set are not chosen. The best (pair, s) is fitted on all rows, its reconstruction subtracted from the target,
+    and so on, n_tables times or until no pair lowers the held-out error (a pair may come back). The target
+    is x (flat) or x - c[list]. Holds the training set in memory (n x d float32).
     """
     x = checks.vectors(x, None, "training vectors")
     if centroids is not None:
@@ -591,27 +608,34 @@ def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, n_sub: in
         sizes += [ks] * n_sub
     sizes = np.asarray(sizes, np.int64)
     cand = [(a, b) for a in range(pool.shape[1]) for b in range(a + 1, pool.shape[1])]
+    n_val = target.shape[0] // 2 if n_val is None else int(n_val)
+    if not 0 < n_val < target.shape[0] or min(shrinks) <= 0:
+        raise QincoInputError(f"need 0 < n_val < n={target.shape[0]} and positive shrinks, got {n_val}, {shrinks}")
     pairs, tables = [], []
     with Progress(n_tables, desc="pairwise", enabled=progress) as bar:
         for _ in range(checks.batch_size(n_tables, "n_tables")):
             best = None
             for a, b in cand:
-                joint = pool[:n_score, a] * sizes[b] + pool[:n_score, b]
-                sums, counts = sum_rows_by_label(joint, target[:n_score], int(sizes[a] * sizes[b]), np.float32)
-                gain = float((np.einsum("kd,kd->k", sums, sums) * (counts + 2 * shrink)
-                              / np.square(np.maximum(counts + shrink, 1e-12))).sum())
-                if best is None or gain > best[0]:
-                    best = (gain, a, b)
-            _, a, b = best
+                joint = pool[:, a] * sizes[b] + pool[:, b]
+                gains = _heldout_gains(joint, target, int(sizes[a] * sizes[b]), n_val, shrinks)
+                g = int(np.argmax(gains))
+                if best is None or gains[g] > best[0]:
+                    best = (gains[g], a, b, shrinks[g])
+            gain, a, b, shrink = best
+            if gain <= 0:
+                break
             joint = pool[:, a] * sizes[b] + pool[:, b]
             sums, counts = sum_rows_by_label(joint, target, int(sizes[a] * sizes[b]))
-            table = (sums / np.maximum(counts + shrink, 1e-12)[:, None]).astype(np.float32)
+            table = (sums / (counts + shrink)[:, None]).astype(np.float32)
             target -= table[joint]
             pairs.append((a, b))
             tables.append(table)
             bar.update(1)
+    if not tables:
+        raise QincoInputError("no pair of codes lowers the held-out error: the pairwise decoder would be empty")
     offsets = np.concatenate([[0], np.cumsum([t.shape[0] for t in tables])]).astype(np.int64)
-    return PairwiseDecoder(np.asarray(pairs, np.int64), sizes, np.concatenate(tables), offsets, centroids, sub)
+    return PairwiseDecoder(np.asarray(pairs, np.int64).reshape(-1, 2), sizes, np.concatenate(tables), offsets,
+                           centroids, sub)
 
 
 # ----------------------------------------------------------------------------- search pipeline

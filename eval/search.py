@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="index folder (created; a rerun resumes the encoding)")
     b.add_argument("--norm", default="qint8", choices=S.NORMS, help="stored norm encoding (default qint8: 1 byte)")
     b.add_argument("--hnsw", type=int, default=0, help="HNSW coarse quantizer with this many links (0: flat)")
-    b.add_argument("--pairwise", type=int, default=0, help="fit a pairwise additive decoder of this many tables")
+    b.add_argument("--pairwise", type=int, default=0,
+                   help="fit a pairwise additive decoder of at most this many tables (refining the additive tables)")
     b.add_argument("--pairwise-sub", type=int, default=2, help="IVF sub-codes in the pairwise code pool")
     b.add_argument("--part-size", type=int, default=S.DEFAULT_PART, help="vectors per resumable part")
     b.add_argument("--batch-size", type=int, help="vectors per jitted encode call")
@@ -158,7 +159,7 @@ def build(args) -> dict:
     if args.pairwise:
         log(f"pairwise decoder: {args.pairwise} tables")
         t = time.perf_counter()
-        pairwise = S.train_pairwise(np.asarray(ct), xt, cfg.K, args.pairwise, centroids=centroids,
+        pairwise = S.train_pairwise(np.asarray(ct), xt, cfg.K, args.pairwise, centroids=centroids, base=tables,
                                     n_sub=args.pairwise_sub, progress=args.progress)
         times["pairwise_s"] = time.perf_counter() - t
         mse_pairwise = float(np.mean(np.sum(np.square(pairwise.decode(np.asarray(ct)) - np.asarray(xt, np.float32)),

@@ -522,6 +522,7 @@ class PairwiseDecoder:
     offsets: np.ndarray  # (P + 1,)
     centroids: np.ndarray | None = None  # (nlist, d) raw units
     ivf_subcodes: np.ndarray | None = None  # (nlist, S)
+    base: np.ndarray | None = None  # (M, K, d) additive tables the pairs refine (None: pairs alone)
 
     def pool(self, codes: np.ndarray) -> np.ndarray:
         """(n, pool) code pool of (n, M) flat codes or (n, 1 + M) IVF codes."""
@@ -535,6 +536,8 @@ class PairwiseDecoder:
         pool = self.pool(codes)
         out = (np.zeros((pool.shape[0], self.tables.shape[1]), np.float32) if self.centroids is None
                else self.centroids[np.asarray(codes)[:, 0]].astype(np.float32))
+        if self.base is not None:
+            out += additive_decode(self.base, pool[:, : self.base.shape[0]])
         for j, (a, b) in enumerate(self.pairs):
             out += self.tables[self.offsets[j] + pool[:, a] * self.sizes[b] + pool[:, b]]
         return out
@@ -543,6 +546,8 @@ class PairwiseDecoder:
         arrays = dict(pairs=self.pairs, sizes=self.sizes, tables=self.tables, offsets=self.offsets)
         if self.centroids is not None:
             arrays.update(centroids=self.centroids, ivf_subcodes=self.ivf_subcodes)
+        if self.base is not None:
+            arrays.update(base=self.base)
         with open(os.fspath(path) + ".tmp", "wb") as f:
             np.savez(f, **arrays)
         os.replace(os.fspath(path) + ".tmp", os.fspath(path))
@@ -583,8 +588,8 @@ def _heldout_gains(joint, target, ncells: int, n_val: int, shrinks) -> np.ndarra
     return np.array([(2 * u / (w + s) - v / np.square(w + s)).sum() for s in shrinks])
 
 
-def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, n_sub: int = 2, n_val: int | None = None,
-                   shrinks=SHRINKS, progress: bool = False) -> PairwiseDecoder:
+def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, base=None, n_sub: int = 2,
+                   n_val: int | None = None, shrinks=SHRINKS, progress: bool = False) -> PairwiseDecoder:
     """Greedy pairwise additive decoder fitted to training vectors (spec v2 §5.2, with shrunk cell means).
 
     A table for a pair (a, b) of pool positions holds, for each joint code, the shrunk mean
@@ -593,13 +598,17 @@ def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, n_sub: in
     rows [:n_val] (n_val: half the rows by default), so that pairs whose K^2 cells only memorise the training
     set are not chosen. The best (pair, s) is fitted on all rows, its reconstruction subtracted from the target,
     and so on, n_tables times or until no pair lowers the held-out error (a pair may come back). The target
-    is x (flat) or x - c[list]. Holds the training set in memory (n x d float32).
+    is x (flat) or x - c[list], minus the additive reconstruction sum_m base[m, i_m] when base tables (M, K, d)
+    are given: the pairs then refine the additive decoder. Holds the training set in memory (n x d float32).
     """
     x = checks.vectors(x, None, "training vectors")
     if centroids is not None:
         centroids = np.asarray(centroids, np.float32)
     steps, lists = _split_codes(np.asarray(codes), K, centroids)
     target = targets(x, lists, centroids).astype(np.float32)
+    if base is not None:
+        base = np.asarray(base, np.float32)
+        target -= additive_decode(base, steps)
     pool, sizes = steps.astype(np.int64), [K] * steps.shape[1]
     sub = None
     if centroids is not None and n_sub > 0:
@@ -635,7 +644,7 @@ def train_pairwise(codes, x, K: int, n_tables: int, *, centroids=None, n_sub: in
         raise QincoInputError("no pair of codes lowers the held-out error: the pairwise decoder would be empty")
     offsets = np.concatenate([[0], np.cumsum([t.shape[0] for t in tables])]).astype(np.int64)
     return PairwiseDecoder(np.asarray(pairs, np.int64).reshape(-1, 2), sizes, np.concatenate(tables), offsets,
-                           centroids, sub)
+                           centroids, sub, base)
 
 
 # ----------------------------------------------------------------------------- search pipeline

@@ -247,10 +247,19 @@ def test_pairwise_decoder_lowers_error_and_narrows(flat_setup):
     codec, d, xt, xb, xq = flat_setup
     p = S.load_pipeline(d, codec)
     ct = qj.encode(codec, xt)
-    pw = S.train_pairwise(ct, xt, 16, n_tables=3)
+    alone = S.train_pairwise(ct, xt, 16, n_tables=3)
+    pw = S.train_pairwise(ct, xt, 16, n_tables=3, base=p.tables)
+    assert 1 <= len(pw.pairs) <= 3 and len(alone.pairs) == 3
     add_err = ((S.additive_decode(p.tables, ct) - xt) ** 2).sum(1).mean()
-    pw_err = ((pw.decode(ct) - xt) ** 2).sum(1).mean()
-    assert pw_err < add_err
+    assert ((pw.decode(ct) - xt) ** 2).sum(1).mean() < add_err  # the pairs refine the additive decoder
+    # a table is the shrunk mean of the target over the vectors of each joint code (first table, no base)
+    (a, b), K = alone.pairs[0], 16
+    joint = ct[:, a] * K + ct[:, b]
+    cell = np.bincount(joint, minlength=K * K)
+    first = alone.tables[: K * K]
+    used = np.flatnonzero(cell)
+    ratio = [np.linalg.norm(first[c]) / np.linalg.norm(xt[joint == c].sum(0)) for c in used[:20]]
+    assert np.allclose([1 / r for r in ratio] - cell[used[:20]], (1 / np.array(ratio) - cell[used[:20]])[0])
     pw.save(d / "pw.npz")
     np.testing.assert_array_equal(S.PairwiseDecoder.load(d / "pw.npz").decode(ct[:5]), pw.decode(ct[:5]))
     p.pairwise = pw

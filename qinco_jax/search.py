@@ -72,13 +72,17 @@ def ivf_centroids(codec) -> np.ndarray | None:
 
 
 def fingerprint(codec) -> str:
-    """sha256 (hex) of a codec's architecture, scale and parameter values: names the model an index was built with."""
+    """sha256 (hex) of a codec's architecture, normalisation and parameter values: names the model an index was
+    built with."""
     h = hashlib.sha256()
     # fields at their default are left out, so that a new config field with a default keeps old fingerprints
     defaults = {f.name: f.default for f in dataclasses.fields(codec.config)}
     arch = {k: v for k, v in codec.config.to_dict().items() if defaults.get(k, dataclasses.MISSING) != v}
     h.update(json.dumps(arch, sort_keys=True).encode())
     h.update(repr(float(codec.scale)).encode())
+    shift = getattr(getattr(codec, "norm", None), "shift", None)
+    if shift is not None:  # QINCo2's per-dimension mean (v1 codecs have none: their fingerprint is unchanged)
+        h.update(b"shift" + np.ascontiguousarray(np.asarray(shift, np.float32)).tobytes())
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(codec.params))[0]
     for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
         a = np.ascontiguousarray(np.asarray(leaf, np.float32))

@@ -39,31 +39,27 @@ def kmeans(xt: np.ndarray, k: int, seed: int, niter: int = 10) -> np.ndarray:
     return km.centroids.copy()
 
 
-def greedy_rq_codebooks(x: np.ndarray, M: int, K: int, *, inplace: bool = False, seed: int = 1234,
-                        chunk: int = 65536) -> np.ndarray:
-    """(M, K, d) codebooks of a greedy (beam 1) residual quantizer trained level by level, in bounded memory.
+def greedy_rq_codebooks(x: np.ndarray, M: int, K: int, *, inplace: bool = False, chunk: int = 65536) -> np.ndarray:
+    """(M, K, d) codebooks of faiss's greedy (beam 1) ResidualQuantizer(d, M, log2 K), trained level by
+    level in bounded memory.
 
-    Each level trains a one-level faiss ResidualQuantizer (faiss's defaults: progressive-dim k-means)
-    on the current residuals, at most 256 * K of them (faiss's own k-means subsample size, drawn
-    here), then subtracts each vector's nearest codeword chunk by chunk. When n <= 256 * K this is
-    exactly faiss's ResidualQuantizer(d, M, log2 K) with beam 1; beyond, the k-means subsample is
-    drawn here rather than inside faiss, which would also hold several n x d arrays at once.
-    With inplace=True, x (float32, C-contiguous) is overwritten by its residuals.
+    Each level runs the same progressive-dim k-means that faiss's ResidualQuantizer runs (its default
+    parameters, so the same seed and the same internal subsample of 256 K points) on all current
+    residuals, then subtracts each vector's nearest codeword chunk by chunk. The codebooks are those of
+    `train_rq(x, M, K, 1)` exactly, but only the residuals (x itself with inplace=True) are held, where
+    faiss's own training holds several n x d arrays at once.
     """
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     r = x if inplace else x.copy()
     n, d = r.shape
-    sub_n = min(n, 256 * K)
-    rng = np.random.default_rng(seed)
+    params = faiss.ResidualQuantizer(d, 1, nbits(K)).cp  # faiss's defaults for each level's k-means
     books = np.empty((M, K, d), np.float32)
     for m in range(M):
-        sub = r if sub_n == n else r[np.sort(rng.choice(n, sub_n, replace=False))]
-        level = faiss.ResidualQuantizer(d, 1, nbits(K))
-        level.max_beam_size = 1
-        level.train(sub)
-        books[m] = rq_codebooks(level)[0]
+        clus = faiss.ProgressiveDimClustering(d, K, params)
+        clus.train(n, faiss.swig_ptr(r), faiss.ProgressiveDimIndexFactory())
+        books[m] = faiss.vector_to_array(clus.centroids).reshape(K, d)
         for i in range(0, n, chunk):
             _, idx = faiss.knn(r[i : i + chunk], books[m], 1)
             r[i : i + chunk] -= books[m][idx[:, 0]]

@@ -81,7 +81,7 @@ def main(argv=None):
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args(argv)
     cfg = qj.QincoConfig(d=a.d, K=a.K, M=a.M, L=a.L, h=a.h)
-    chunks = [256, 1024, 4096] if a.sweep else [codec_mod.DEFAULT_CHUNK]
+    chunks = [256, 1024, 4096] if a.sweep else [codec_mod.default_chunk()]
     res = run(cfg, a.n, a.repeats, chunks)
     print(f"config {cfg}, n={a.n}")
     print(f"machine matmul (XLA, 2048^3 float32): {res['matmul_gflops']:.1f} GFLOP/s")

@@ -153,7 +153,7 @@ def decoded_chunks(codec: qj.Codec, codes: np.ndarray, chunk: int = DECODE_CHUNK
 
 def encode_db(codec: qj.Codec, xb, progress: bool) -> tuple[np.ndarray, float]:
     """Codes of the database (streamed in chunks) and the seconds it took, after a warm-up chunk."""
-    qj.encode(codec, xb[: min(xb.shape[0], codec_mod.DEFAULT_CHUNK)])
+    qj.encode(codec, xb[: min(xb.shape[0], codec_mod.default_chunk())])
     t0 = time.perf_counter()
     codes, _ = qj.encode_with_error(codec, xb, progress=progress)
     return codes, time.perf_counter() - t0
@@ -205,7 +205,7 @@ def evaluate_qinco(codec: qj.Codec, ds: data.Dataset, gt, args) -> tuple[dict, l
     n, d = ds.xb.shape
     log(f"encoding {n:,} database vectors")
     codes, enc_s = encode_db(codec, ds.xb, args.progress)
-    next(decoded_chunks(codec, codes[: codec_mod.DEFAULT_CHUNK]))  # warm-up: compilation is not timed
+    next(decoded_chunks(codec, codes[: codec_mod.default_chunk()]))  # warm-up: compilation is not timed
     timer = [0.0]
     chunks = progressed(decoded_chunks(codec, codes, timer=timer), n, args.progress, "decode and search")
     ks = [k for k in KS if k <= n]

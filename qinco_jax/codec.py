@@ -15,10 +15,25 @@ from qinco_jax import checks
 from qinco_jax.model import Qinco, QincoConfig, nearest_blocked
 from qinco_jax.progress import Progress
 
-# Vectors per jitted call, and per inner sub-batch: the inner (sub, K, max(d, h)) activations stay
-# cache-sized while the outer chunk amortises dispatch. Chosen by eval/bench_codec.py (see README).
-DEFAULT_CHUNK = 1024
-SUB_ELEMS = 1 << 20
+# Vectors per jitted call, and elements of the inner sub-batch's (sub, K, max(d, h)) activations, by
+# backend. On a CPU the activations stay cache-sized while the outer chunk amortises dispatch (chosen by
+# eval/bench_codec.py); an accelerator wants far larger tensors (2^26 elements and 16,384-vector calls
+# were fastest on an H100 in eval/bench_device.py; see README). Set DEFAULT_CHUNK / SUB_ELEMS to override.
+SIZES = {"cpu": (1024, 1 << 20)}
+ACCELERATOR_SIZES = (16384, 1 << 26)
+DEFAULT_CHUNK: int | None = None
+SUB_ELEMS: int | None = None
+
+
+def default_chunk() -> int:
+    """Vectors per jitted encode / decode call on this backend (or DEFAULT_CHUNK when set)."""
+    return DEFAULT_CHUNK or SIZES.get(jax.default_backend(), ACCELERATOR_SIZES)[0]
+
+
+def sub_elems() -> int:
+    """Elements of the inner sub-batch's candidate activations on this backend (or SUB_ELEMS when set)."""
+    return SUB_ELEMS or SIZES.get(jax.default_backend(), ACCELERATOR_SIZES)[1]
+
 AXIS = "batch"  # the device axis of the pmap-ed encode / decode (and train step)
 
 
@@ -207,13 +222,13 @@ def _sub_batch(cfg: QincoConfig, chunk: int, A: int | None = None, B: int | None
     A = cfg.A if A is None else A
     B = cfg.B if B is None else B
     evals = B * (A or cfg.K)
-    return min(chunk, max(1, SUB_ELEMS // (evals * max(cfg.d, cfg.emb, cfg.h))))
+    return min(chunk, max(1, sub_elems() // (evals * max(cfg.d, cfg.emb, cfg.h))))
 
 
 def _chunk(requested: int | None, n: int) -> int:
     """Vectors per jitted call: the request, or for fewer vectors the next power of two above n,
     so that calls on many small, differently sized inputs compile O(log n) times, not once per size."""
-    requested = checks.batch_size(requested or DEFAULT_CHUNK)
+    requested = checks.batch_size(requested or default_chunk())
     return min(requested, 1 << max(0, n - 1).bit_length())
 
 

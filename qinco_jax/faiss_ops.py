@@ -54,7 +54,8 @@ def greedy_rq_codebooks(x: np.ndarray, M: int, K: int, *, inplace: bool = False,
     x = np.ascontiguousarray(x, dtype=np.float32)
     r = x if inplace else x.copy()
     n, d = r.shape
-    params = faiss.ResidualQuantizer(d, 1, nbits(K)).cp  # faiss's defaults for each level's k-means
+    level_rq = faiss.ResidualQuantizer(d, 1, nbits(K))  # kept alive: its cp holds faiss's k-means defaults
+    params = level_rq.cp
     books = np.empty((M, K, d), np.float32)
     for m in range(M):
         clus = faiss.ProgressiveDimClustering(d, K, params)

@@ -282,3 +282,18 @@ def test_multi_device_encode_reports_bad_rows_and_streams_memmaps(tiny_codec, tm
     x[613, 1] = np.nan
     with pytest.raises(qj.QincoInputError, match="first bad row is 613"):
         qj.encode(tiny_codec, x, batch_size=16)
+
+
+def test_matmul_precision_is_float32_unless_set(tiny_codec):
+    x = near_codes(tiny_codec, 64)
+    ref = qj.encode(tiny_codec, x)
+    assert codec_mod.MATMUL_PRECISION == "highest"
+    try:
+        codec_mod.set_matmul_precision("bfloat16")
+        codes = qj.encode(tiny_codec, x)  # compiled anew at that precision
+        assert codes.shape == ref.shape and (codes < TINY.K).all()
+    finally:
+        codec_mod.set_matmul_precision("highest")
+    np.testing.assert_array_equal(qj.encode(tiny_codec, x), ref)
+    with pytest.raises(qj.QincoInputError, match="precision"):
+        codec_mod.set_matmul_precision("fp8")

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,6 +28,8 @@ import numpy as np  # noqa: E402
 
 import qinco_jax as qj  # noqa: E402
 from qinco_jax import codec as codec_mod  # noqa: E402
+from eval.bench_codec import best_of, random_codec  # noqa: E402
+from eval.bench_train import steps_per_second  # noqa: E402
 from qinco_jax import training  # noqa: E402
 
 PRECISIONS = ("highest", "tensorfloat32", "bfloat16")
@@ -38,15 +39,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def matmul_tflops(precision: str, n: int = 8192) -> float:
     """n^3 matmul rate (TFLOP/s) of float32 arrays at the given matmul precision."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
@@ -54,10 +46,6 @@ def matmul_tflops(precision: str, n: int = 8192) -> float:
         f = jax.jit(lambda a: a @ a)
         f(a).block_until_ready()
         return 2 * n**3 / best_of(lambda: f(a).block_until_ready(), 5) / 1e12
-
-
-def random_codec(cfg: qj.QincoConfig, seed: int = 0) -> qj.Codec:
-    return qj.Codec(cfg, jax.device_get(codec_mod.init_params(cfg, jax.random.key(seed))), 1.0)
 
 
 def set_sub_elems(sub_elems: int) -> None:
@@ -78,21 +66,8 @@ def time_encode(codec, x, chunk: int, precision: str, repeats: int):
 
 
 def train_vps(cfg: qj.QincoConfig, batch: int, precision: str, steps: int = 10) -> float:
-    codec = random_codec(cfg)
-    n_dev = jax.local_device_count()
-    x = np.asarray(qj.decode(codec, np.random.default_rng(0).integers(0, cfg.K, (batch, cfg.M))))
-    xs, ws = training.shard_batch(x, np.ones(batch, np.float32), n_dev)
     with jax.default_matmul_precision(precision):
-        step = training.train_step(cfg)
-        state = training.replicate(training.init_state(codec.params))
-        for _ in range(2):
-            state, loss = step(state, xs, ws, 1e-4)
-        loss.block_until_ready()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            state, loss = step(state, xs, ws, 1e-4)
-        loss.block_until_ready()
-    return steps * batch / (time.perf_counter() - t0)
+        return steps_per_second(cfg, batch, steps) * batch
 
 
 def main(argv=None) -> None:

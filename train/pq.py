@@ -67,15 +67,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     checks.finite(ds.xt, "training vectors")
     checks.finite(ds.xval, "validation vectors")
     dims = pq.split_dims(ds.d, cfg.pq)
-    workdir = os.path.abspath(cfg.workdir)
-    has_run = os.path.exists(os.path.join(workdir, "config.json"))
-    if has_run and not cfg.resume:
-        raise FileExistsError(f"{workdir} already holds a run: pass --resume to continue it or choose another --workdir")
-    if cfg.resume and not has_run:
-        raise FileNotFoundError(f"--resume: {workdir} holds no run to resume")
-    os.makedirs(workdir, exist_ok=True)
-    if not has_run and jax.process_index() == 0:
-        write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    workdir = loop.prepare_workdir(cfg)
     log(f"PQ-QINCo: {cfg.pq} blocks of {dims[0][1] - dims[0][0]} dimensions, {cfg.M} codes of "
         f"{int(np.log2(cfg.K))} bits each{' after an OPQ rotation' if cfg.opq else ''}; workdir {workdir}")
     rotation = None

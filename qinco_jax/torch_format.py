@@ -36,13 +36,17 @@ def _submodule(rec: ModuleRecord, name: str, path: str, cls: str | None = None) 
 def _tensor(rec: ModuleRecord, name: str, path: str, shape: tuple) -> np.ndarray:
     """Parameter `name` of rec as float32, checked for presence, dtype, shape and finiteness."""
     params = rec.state.get("_parameters")
-    arr = params.get(name) if isinstance(params, dict) else None
+    return checked_tensor(params.get(name) if isinstance(params, dict) else None, path, shape, "the model attributes")
+
+
+def checked_tensor(arr, path: str, shape: tuple, source: str) -> np.ndarray:
+    """A checkpoint tensor as float32: present, floating-point, of the shape that `source` implies, finite."""
     if arr is None:
         raise CheckpointError(f"the checkpoint is missing tensor {path}")
     if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
         raise CheckpointError(f"tensor {path} is not a floating-point tensor ({getattr(arr, 'dtype', type(arr))})")
     if arr.shape != shape:
-        raise CheckpointError(f"tensor {path} has shape {arr.shape}, expected {shape} from the model attributes")
+        raise CheckpointError(f"tensor {path} has shape {arr.shape}, expected {shape} from {source}")
     if not np.isfinite(arr).all():
         raise CheckpointError(f"tensor {path} holds NaN or inf values")
     return np.ascontiguousarray(arr, dtype=np.float32)

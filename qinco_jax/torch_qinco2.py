@@ -15,6 +15,7 @@ from qinco_jax import limits
 from qinco_jax.checks import CheckpointError, short
 from qinco_jax.codec import Norm
 from qinco_jax.model import QincoConfig
+from qinco_jax.torch_format import checked_tensor
 
 DDP_PREFIX = "module."
 BUFFERS = ("xtarget_mean", "xtarget_var")  # dead-codeword statistics: not needed to encode or decode
@@ -82,18 +83,9 @@ class _Tensors:
         self.state, self.used = state, set()
 
     def get(self, name: str, shape: tuple, transpose: bool = False) -> np.ndarray:
-        arr = self.state.get(name)
-        if arr is None:
-            raise CheckpointError(f"the checkpoint is missing tensor {name}")
+        arr = checked_tensor(self.state.get(name), name, shape, "the parameters")
         self.used.add(name)
-        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
-            raise CheckpointError(f"tensor {name} is not a floating-point tensor ({getattr(arr, 'dtype', type(arr))})")
-        if arr.shape != shape:
-            raise CheckpointError(f"tensor {name} has shape {arr.shape}, expected {shape} from the parameters")
-        if not np.isfinite(arr).all():
-            raise CheckpointError(f"tensor {name} holds NaN or inf values")
-        arr = arr.T if transpose else arr
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return np.ascontiguousarray(arr.T) if transpose else arr
 
     def linear(self, prefix: str, out_f: int, in_f: int, bias: bool = False) -> dict:
         out = {"kernel": self.get(f"{prefix}.weight", (out_f, in_f), transpose=True)}

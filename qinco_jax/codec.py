@@ -102,7 +102,8 @@ class Codec:
         c = self.config
         lr = ", lowrank" if c.lowrank else ""
         ivf = f", nlist={c.nlist}" if c.nlist else ""
-        return (f"Codec(d={c.d}, K={c.K}, M={c.M}, L={c.L}, h={c.h}{lr}{ivf}, scale={self.scale:.6g}, "
+        v2 = f", qinco2 de={c.emb} A={c.A} B={c.B}" if c.variant == "qinco2" else ""
+        return (f"Codec(d={c.d}, K={c.K}, M={c.M}, L={c.L}, h={c.h}{lr}{ivf}{v2}, scale={self.scale:.6g}, "
                 f"{c.num_params():,} parameters)")
 
     @property

@@ -33,3 +33,9 @@ def test_codec_repr_is_short():
     r = repr(random_codec(qj.QincoConfig(d=16, K=16, M=3, L=2, h=24), scale=2.5))
     assert r == f"Codec(d=16, K=16, M=3, L=2, h=24, scale=2.5, {qj.QincoConfig(d=16, K=16, M=3, L=2, h=24).num_params():,} parameters)"
     assert "\n" not in r and len(r) < 100
+
+
+def test_repr_names_a_qinco2_codec():
+    cfg = qj.QincoConfig(d=16, K=16, M=3, L=1, h=24, variant="qinco2", de=32, A=4, B=8)
+    r = repr(random_codec(cfg, scale=2.5))
+    assert r.startswith("Codec(d=16, K=16, M=3, L=1, h=24, qinco2 de=32 A=4 B=8, scale=2.5, ") and len(r) < 120

@@ -1,0 +1,123 @@
+"""Side by side: several training runs (validation MSE per epoch, seconds per epoch) and their
+evaluations by eval/main.py (MSE on the database, exact-search recalls, encode time), with the faiss
+baselines of one of those evaluations; a markdown table and a plot of validation MSE per epoch.
+
+    python eval/compare.py --name devsift --baselines-from runs/devsift8_qinco1 \\
+        --run "QINCo v1 (L=2)=runs/devsift8_qinco1" --run "QINCo2-S=runs/devsift8_qinco2s" \\
+        --out docs/devsift8.json --plot docs/devsift8_val.png
+
+Each run's evaluation is read from WORKDIR/eval_NAME.json (eval/main.py's default --out with --name NAME).
+Epoch 0 of the plot is the validation MSE before the first optimizer step (summary.json's val_mse_init).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+COLUMNS = ("method", "epochs", "train_s_per_epoch", "mse", "r1", "r10", "r100", "encode_us")
+HEADER = ("method", "epochs", "training s/epoch", "MSE (base)", "R@1", "R@10", "R@100", "encode µs/vector")
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as JSON ({e})") from None
+
+
+def run_record(label: str, workdir: str, name: str) -> dict:
+    """A run's curve (epochs, validation MSEs with val_mse_init as epoch 0), timing and evaluation row."""
+    from train.loop import read_metrics
+
+    rows = read_metrics(workdir, log=lambda *a: None)
+    if not rows:
+        raise ValueError(f"{workdir}: no epoch in metrics.jsonl")
+    summary = _read_json(os.path.join(workdir, "summary.json"))
+    table = _read_json(os.path.join(workdir, f"eval_{name}.json"))["table"]
+    ev = dict(table[0])
+    ev.update(method=label, epochs=len(rows), train_s_per_epoch=sum(r["seconds"] for r in rows) / len(rows))
+    return {
+        "label": label,
+        "workdir": workdir,
+        "curve": {"epoch": [0] + [r["epoch"] + 1 for r in rows],
+                  "val_mse": [summary["val_mse_init"]] + [r["val_mse"] for r in rows]},
+        "row": ev,
+    }
+
+
+def baseline_rows(workdir: str, name: str) -> list[dict]:
+    """The faiss baseline rows of WORKDIR/eval_NAME.json (its first row is the codec itself)."""
+    return [dict(r) for r in _read_json(os.path.join(workdir, f"eval_{name}.json"))["table"][1:]]
+
+
+def markdown(rows: list[dict]) -> str:
+    from eval.report import format_value
+
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in rows:
+        cells = []
+        for c in COLUMNS:
+            v = r.get(c)
+            cells.append("" if v is None else format_value(c, v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, rec in enumerate(records):
+        ax.plot(rec["curve"]["epoch"], rec["curve"]["val_mse"], "o-", color=f"C{i}", label=rec["label"])
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch (0: before training)")
+    ax.set_ylabel("validation MSE")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp", dpi=100, format="png")
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", action="append", required=True, metavar="LABEL=WORKDIR", help="a training run (repeat)")
+    ap.add_argument("--name", required=True, help="the --name given to eval/main.py")
+    ap.add_argument("--baselines-from", metavar="WORKDIR", help="add the faiss baseline rows of this run's evaluation")
+    ap.add_argument("--out", help="JSON of the table and curves")
+    ap.add_argument("--plot", help="PNG of validation MSE per epoch")
+    args = ap.parse_args(argv)
+    try:
+        records = []
+        for spec in args.run:
+            label, sep, workdir = spec.rpartition("=")
+            if not sep or not label or not workdir:
+                raise ValueError(f"--run {spec!r} is not LABEL=WORKDIR")
+            records.append(run_record(label, workdir, args.name))
+        base = baseline_rows(args.baselines_from, args.name) if args.baselines_from else []
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [r["row"] for r in records] + base
+    print(markdown(rows))
+    if args.out:
+        from eval.report import write_json
+
+        write_json(args.out, {"name": args.name, "table": rows, "runs": records})
+    if args.plot:
+        plot(records, args.plot, f"{args.name}: validation MSE per epoch")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

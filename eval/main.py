@@ -192,11 +192,13 @@ def shape(codec) -> tuple[int, int, int]:
 
 
 def qinco_rd(codec: qj.Codec, codes: np.ndarray, xb, full_mse: float) -> list[float]:
-    """MSE of the m-step reconstructions (the first m code columns), m = 1..M (PQ: only m = M)."""
+    """MSE of the m-step reconstructions, m = 1..M (PQ: only m = M): the first m code columns, after the
+    list id for IVF-QINCo (the list id is not counted in the code size)."""
     M = shape(codec)[1]
     if isinstance(codec, qj.PQCodec):  # its code columns are not successive refinements
         return [None] * (M - 1) + [full_mse]
-    return [metrics.stream_evaluate(xb, decoded_chunks(codec, codes[:, :m]))[0] for m in range(1, M)] + [full_mse]
+    ivf = 1 if codec.config.nlist else 0
+    return [metrics.stream_evaluate(xb, decoded_chunks(codec, codes[:, : ivf + m]))[0] for m in range(1, M)] + [full_mse]
 
 
 def evaluate_qinco(codec: qj.Codec, ds: data.Dataset, gt, args) -> tuple[dict, list[float]]:
@@ -211,13 +213,20 @@ def evaluate_qinco(codec: qj.Codec, ds: data.Dataset, gt, args) -> tuple[dict, l
     ks = [k for k in KS if k <= n]
     err, I = metrics.stream_evaluate(ds.xb, kept(chunks, args.keep_decoded, n, d), ds.xq, max(ks))
     dec_s = timer[0]
-    name = "PQ-QINCo" if isinstance(codec, qj.PQCodec) else "QINCo"
+    name = method_name(codec)
     row = {"method": name, "bytes": code_bytes(*shape(codec)[1:]), "mse": err}
     got = metrics.recalls(I, gt, ks)
     row.update({f"r{k}": got.get(k) for k in KS})
     row.update(encode_us=enc_s / n * 1e6, decode_us=dec_s / n * 1e6, encode_s=enc_s, decode_s=dec_s)
     log(f"{name}: MSE {err:.6g}, encode {enc_s:.3g}s, decode {dec_s:.3g}s; rate-distortion (m = 1..M steps)")
     return row, qinco_rd(codec, codes, ds.xb, err)
+
+
+def method_name(codec) -> str:
+    """The codec's row label: PQ-QINCo, QINCo2 or QINCo."""
+    if isinstance(codec, qj.PQCodec):
+        return "PQ-QINCo"
+    return "QINCo2" if codec.config.variant == "qinco2" else "QINCo"
 
 
 def code_bytes(M: int, K: int) -> float | int:
@@ -268,7 +277,7 @@ def rd_curves(codec: qj.Codec, qinco_mses: list[float], rows: list[dict], xt, xb
         log(f"rate-distortion of {', '.join(names)}: 1..{M - 1} codes")
     known = {r["method"]: r.get("mse") for r in rows}
     mses = baselines.baseline_mse_by_bytes(names, xt, xb, M, faiss_nbits(K), known=known) if names else {}
-    name = "PQ-QINCo" if isinstance(codec, qj.PQCodec) else "QINCo"
+    name = method_name(codec)
     return {name: {"bytes": nbytes, "mse": qinco_mses}, **{n: {"bytes": nbytes, "mse": m} for n, m in mses.items()}}
 
 

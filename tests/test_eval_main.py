@@ -177,3 +177,16 @@ def test_named_dataset_without_training_file(files, tmp_path):
     with pytest.raises(SystemExit, match="no train file found"):  # the baselines do need it
         eval_main.main(["--model", str(files["root"] / "codec"), "--dataset", "sift1M", "--data-dir", str(root),
                         "--baselines", "RQ", "--out", str(out), "--no-progress"])
+
+
+def test_rate_distortion_of_an_ivf_codec_counts_the_steps_after_the_list_id(files):
+    ds = files["ds"]
+    codec = _as_rq(qj.init_codec(qj.QincoConfig(d=D, K=16, M=3, L=1, h=16, nlist=8), ds.xt))
+    xb = np.asarray(ds.xb[:300], np.float64)
+    codes = qj.encode(codec, xb)
+    assert codes.shape == (300, 4)
+    full = float(((qj.decode(codec, codes) - xb) ** 2).sum(1).mean())
+    rd = eval_main.qinco_rd(codec, codes, xb, full)
+    want = [float(((qj.decode(codec, codes[:, : 1 + m]) - xb) ** 2).sum(1).mean()) for m in (1, 2)]
+    np.testing.assert_allclose(rd[:2], want, rtol=1e-6)
+    assert rd[0] > rd[1] > rd[2] == full

@@ -70,20 +70,24 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: str, title: str) -> None:
+    """Two panels: every epoch on a log scale, and epochs 1.. on a linear scale (where the curves part)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.8))
+    fig = Figure(figsize=(11, 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for i, rec in enumerate(records):
-        ax.plot(rec["curve"]["epoch"], rec["curve"]["val_mse"], "o-", color=f"C{i}", label=rec["label"])
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch (0: before training)")
-    ax.set_ylabel("validation MSE")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    for j, first in enumerate((0, 1)):
+        ax = fig.add_subplot(1, 2, j + 1)
+        for i, rec in enumerate(records):
+            pts = [(e, v) for e, v in zip(rec["curve"]["epoch"], rec["curve"]["val_mse"]) if e >= first]
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=f"C{i}", label=rec["label"])
+        ax.set_yscale("log" if first == 0 else "linear")
+        ax.set_xlabel("epoch (0: before training)")
+        ax.set_ylabel("validation MSE")
+        ax.set_title(title if first == 0 else "from epoch 1")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path + ".tmp", dpi=100, format="png")
     os.replace(path + ".tmp", path)

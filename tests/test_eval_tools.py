@@ -81,6 +81,7 @@ def test_compare_runs(tmp_path, capsys):
     _train(run, "--epochs", "2")
     eval_main.main(["--model", str(run), "--dataset", "synthetic", "--nb", "500", "--name", "tiny", "--no-progress"])
     ev = json.loads((run / "eval_tiny.json").read_text())
+    assert ev["table"][0]["method"] == "QINCo2" and set(ev["rate_distortion"]) == {"QINCo2"}
     capsys.readouterr()
     out, png = tmp_path / "c.json", tmp_path / "c.png"
     assert compare.main(["--run", "QINCo2 = tiny=" + str(run), "--name", "tiny", "--out", str(out),

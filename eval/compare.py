@@ -13,22 +13,13 @@ Epoch 0 of the plot is the validation MSE before the first optimizer step (summa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from qinco_jax.files import read_json
+
 COLUMNS = ("method", "epochs", "train_s_per_epoch", "mse", "r1", "r10", "r100", "encode_us")
 HEADER = ("method", "epochs", "training s/epoch", "MSE (base)", "R@1", "R@10", "R@100", "encode µs/vector")
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot be read as JSON ({e})") from None
 
 
 def run_record(label: str, workdir: str, name: str) -> dict:
@@ -38,8 +29,8 @@ def run_record(label: str, workdir: str, name: str) -> dict:
     rows = read_metrics(workdir, log=lambda *a: None)
     if not rows:
         raise ValueError(f"{workdir}: no epoch in metrics.jsonl")
-    summary = _read_json(os.path.join(workdir, "summary.json"))
-    table = _read_json(os.path.join(workdir, f"eval_{name}.json"))["table"]
+    summary = read_json(os.path.join(workdir, "summary.json"), "run summary")
+    table = read_json(os.path.join(workdir, f"eval_{name}.json"), "evaluation")["table"]
     ev = dict(table[0])
     ev.update(method=label, epochs=len(rows), train_s_per_epoch=sum(r["seconds"] for r in rows) / len(rows))
     return {
@@ -53,7 +44,7 @@ def run_record(label: str, workdir: str, name: str) -> dict:
 
 def baseline_rows(workdir: str, name: str) -> list[dict]:
     """The faiss baseline rows of WORKDIR/eval_NAME.json (its first row is the codec itself)."""
-    return [dict(r) for r in _read_json(os.path.join(workdir, f"eval_{name}.json"))["table"][1:]]
+    return [dict(r) for r in read_json(os.path.join(workdir, f"eval_{name}.json"), "evaluation")["table"][1:]]
 
 
 def markdown(rows: list[dict]) -> str:

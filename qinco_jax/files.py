@@ -1,4 +1,4 @@
-"""Small file helpers shared by the library, training and evaluation: atomic JSON files."""
+"""Small file helpers shared by the library, training and evaluation: JSON files, written atomically."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import tempfile
 
 import numpy as np
+
+from qinco_jax.checks import QincoInputError
 
 
 def _json_default(obj):
@@ -33,3 +35,14 @@ def write_json(path, obj) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_json(path, what: str) -> dict:
+    """A JSON file this project wrote; a missing or unreadable file is a QincoInputError naming `what`."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise QincoInputError(f"{what}: {path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise QincoInputError(f"{what}: cannot read {path}: {e}") from None

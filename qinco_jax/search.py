@@ -33,7 +33,7 @@ import numpy as np
 
 from qinco_jax import checks, codec as codec_mod
 from qinco_jax.checks import QincoInputError
-from qinco_jax.files import write_json
+from qinco_jax.files import read_json, write_json
 from qinco_jax.progress import Progress
 
 CODES_FORMAT = "qinco_jax.codes/1"
@@ -104,16 +104,6 @@ def require_flat(codec, what: str) -> None:
     if nlist_of(codec):
         raise QincoInputError(f"{what} needs a plain QINCo codec without IVF, but this codec has an IVF step "
                               f"(nlist={nlist_of(codec)}); use the IVF pipeline for it")
-
-
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise QincoInputError(f"{what}: {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise QincoInputError(f"{what}: cannot read {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- least-squares additive tables
@@ -290,7 +280,7 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
                 "M": cfg.M}
     mpath = os.path.join(out_dir, MANIFEST)
     if os.path.exists(mpath):
-        old = _read_json(mpath, "codes folder")
+        old = read_json(mpath, "codes folder")
         diff = sorted(k for k in manifest if old.get(k) != manifest[k])
         if diff:
             what = "; ".join(f"{k}: {str(old.get(k))[:12]!r} there, {str(manifest[k])[:12]!r} now" for k in diff)
@@ -301,7 +291,7 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
     codes = _open_shared_npy(os.path.join(out_dir, CODES_FILE), dtype, (n, ncol))
     lo, hi = process_slice(n, r, R)
     ppath = _progress_path(out_dir, r, R)
-    done = _read_json(ppath, "codes progress")["rows_done"] if os.path.exists(ppath) else lo
+    done = read_json(ppath, "codes progress")["rows_done"] if os.path.exists(ppath) else lo
     if not lo <= done <= hi:
         raise QincoInputError(f"{ppath} records {done} rows done, outside this process's slice [{lo}, {hi})")
     with Progress(hi - lo, desc=f"encode p{r}", enabled=progress) as bar:
@@ -321,14 +311,14 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
 def codes_status(out_dir) -> dict:
     """{'n': rows, 'done': rows finished by all processes, 'complete': bool, 'manifest': ...} of a codes folder."""
     out_dir = os.path.abspath(os.fspath(out_dir))
-    manifest = _read_json(os.path.join(out_dir, MANIFEST), "codes folder")
+    manifest = read_json(os.path.join(out_dir, MANIFEST), "codes folder")
     if manifest.get("format") != CODES_FORMAT:
         raise QincoInputError(f"{out_dir}: not a codes folder (format {manifest.get('format')!r})")
     n, R, done = manifest["n"], manifest["process_count"], 0
     for r in range(R):
         lo, hi = process_slice(n, r, R)
         p = _progress_path(out_dir, r, R)
-        done += (_read_json(p, "codes progress")["rows_done"] - lo) if os.path.exists(p) else 0
+        done += (read_json(p, "codes progress")["rows_done"] - lo) if os.path.exists(p) else 0
     return {"n": n, "done": done, "complete": done == n, "manifest": manifest}
 
 
@@ -845,7 +835,7 @@ def read_index_meta(index_dir) -> dict:
     if not os.path.exists(path):
         raise QincoInputError(f"{index_dir} is not a search index folder (no {INDEX_META}; build one with "
                               "`eval/search.py build`)")
-    meta = _read_json(path, "search index")
+    meta = read_json(path, "search index")
     if meta.get("format") != INDEX_FORMAT:
         raise QincoInputError(f"{index_dir}: not a search index folder (format {meta.get('format')!r})")
     return meta

@@ -19,6 +19,12 @@ from qinco_jax.progress import Progress
 CHUNK = 65536  # input rows rotated and split at a time
 
 
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) ranges of the given sizes."""
+    stops = np.cumsum(sizes).tolist()
+    return [(stop - n, stop) for n, stop in zip(sizes, stops)]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PQCodec:
     """A product of QINCo codecs over contiguous blocks of (optionally rotated) vectors.
@@ -72,19 +78,11 @@ class PQCodec:
 
     def blocks(self) -> list[tuple[int, int]]:
         """(start, stop) of each sub-codec's dimensions in the rotated vector."""
-        out, a = [], 0
-        for c in self.codecs:
-            out.append((a, a + c.config.d))
-            a += c.config.d
-        return out
+        return _spans([c.config.d for c in self.codecs])
 
     def code_columns(self) -> list[tuple[int, int]]:
         """(start, stop) of each sub-codec's code columns."""
-        out, a = [], 0
-        for c in self.codecs:
-            out.append((a, a + c.config.M))
-            a += c.config.M
-        return out
+        return _spans([c.config.M for c in self.codecs])
 
     def __repr__(self) -> str:
         subs = ", ".join(f"{c.config.d}d {c.config.M}x{int(np.log2(c.config.K))}b" for c in self.codecs)

@@ -24,6 +24,12 @@ def shared_file(name: str) -> pathlib.Path:
     return path
 
 
+def as_rq(codec: qj.Codec) -> qj.Codec:
+    """The codec with zero concat and residual-block outputs: f(c, xhat) = c, i.e. plain RQ."""
+    zero = lambda path, a: a * 0 if any(getattr(k, "key", "") in ("concat", "down") for k in path) else a  # noqa
+    return qj.Codec(codec.config, jax.tree_util.tree_map_with_path(zero, codec.params), codec.scale)
+
+
 def random_codec(cfg: qj.QincoConfig = TINY, seed: int = 0, scale: float = 1.0) -> qj.Codec:
     """Random weights with N(0,1) codebooks."""
     return qj.Codec(cfg, jax.device_get(codec_mod.init_params(cfg, jax.random.key(seed))), scale)

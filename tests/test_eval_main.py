@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,14 +13,10 @@ from eval import baselines
 from eval import main as eval_main
 from qinco_jax import data
 
+from conftest import as_rq
+
 ROOT = Path(__file__).resolve().parents[1]
 D, NB, NQ = 16, 1000, 50
-
-
-def _as_rq(codec: qj.Codec) -> qj.Codec:
-    """The codec with zero concat and residual-block outputs: f(c, xhat) = c, i.e. plain RQ."""
-    zero = lambda path, a: a * 0 if any(getattr(k, "key", "") in ("concat", "down") for k in path) else a  # noqa
-    return qj.Codec(codec.config, jax.tree_util.tree_map_with_path(zero, codec.params), codec.scale)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +24,7 @@ def files(tmp_path_factory):
     """Tiny RQ-initialised codecs (M=4 x 4 bits = 2 bytes, equal to RQ; M=3) and db / queries / gt / train files."""
     root = tmp_path_factory.mktemp("eval_main")
     ds = data.synthetic(d=D, nt=2000, nval=0, nb=NB, nq=NQ, seed=3)
-    qj.save(_as_rq(qj.init_codec(qj.QincoConfig(d=D, K=16, M=4, L=1, h=16), ds.xt)), root / "codec")
+    qj.save(as_rq(qj.init_codec(qj.QincoConfig(d=D, K=16, M=4, L=1, h=16), ds.xt)), root / "codec")
     qj.save(qj.init_codec(qj.QincoConfig(d=D, K=16, M=3, L=1, h=16), ds.xt), root / "codec_m3")
     paths = {k: root / f"{k}.{ext}" for k, ext in (("train", "fvecs"), ("db", "fvecs"), ("queries", "fvecs"),
                                                    ("gt", "ivecs"))}
@@ -181,7 +176,7 @@ def test_named_dataset_without_training_file(files, tmp_path):
 
 def test_rate_distortion_of_an_ivf_codec_counts_the_steps_after_the_list_id(files):
     ds = files["ds"]
-    codec = _as_rq(qj.init_codec(qj.QincoConfig(d=D, K=16, M=3, L=1, h=16, nlist=8), ds.xt))
+    codec = as_rq(qj.init_codec(qj.QincoConfig(d=D, K=16, M=3, L=1, h=16, nlist=8), ds.xt))
     xb = np.asarray(ds.xb[:300], np.float64)
     codes = qj.encode(codec, xb)
     assert codes.shape == (300, 4)

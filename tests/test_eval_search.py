@@ -4,22 +4,17 @@ import json
 import os
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 import qinco_jax as qj
 from eval import search as cli
 from qinco_jax import data
+
+from conftest import as_rq
 from qinco_jax import search as S
 
 D, NB, NQ = 16, 800, 40
-
-
-def as_rq(codec: qj.Codec) -> qj.Codec:
-    """The codec with zero concat and residual-block outputs: f(c, xhat) = c, i.e. plain RQ."""
-    zero = lambda path, a: a * 0 if any(getattr(k, "key", "") in ("concat", "down") for k in path) else a  # noqa
-    return qj.Codec(codec.config, jax.tree_util.tree_map_with_path(zero, codec.params), codec.scale)
 
 
 @pytest.fixture(scope="module")

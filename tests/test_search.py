@@ -13,6 +13,7 @@ import pytest
 import qinco_jax as qj
 from qinco_jax import search as S
 from qinco_jax.checks import QincoInputError
+from qinco_jax.search.index import _set_tables
 from tests.conftest import TINY, near_codes, random_codec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +129,7 @@ def test_unpack_codes_matches_faiss_packing():
         rq = faiss.ResidualQuantizer(8, 5, nbits)
         rq.search_type = faiss.AdditiveQuantizer.ST_norm_float
         rq.set_derived_values()
-        S._set_tables(rq, rng.normal(size=(5, 1 << nbits, 8)))
+        _set_tables(rq, rng.normal(size=(5, 1 << nbits, 8)))
         c = rng.integers(0, 1 << nbits, (20, 5))
         packed = S.pack_codes(rq, c, np.ones(20, np.float32))
         np.testing.assert_array_equal(S.unpack_codes(packed, 5, nbits), c)
@@ -161,17 +162,18 @@ def test_encode_database_parts_and_processes(tmp_path, tiny_codec):
 KILLED_BUILD = """
 import sys, time
 import numpy as np
-from qinco_jax import search as S, codec as codec_mod
+import qinco_jax as qj
+from qinco_jax import search as S
 from tests.conftest import random_codec, near_codes
 codec = random_codec()
 x = near_codes(codec, 2000)
-real = codec_mod.encode
+real = qj.encode
 calls = []
 def slow(c, xs, **kw):  # a slow encoder, so that the kill lands in the middle of the build
     calls.append(len(xs))
     time.sleep(float(sys.argv[2]))
     return real(c, xs, **kw)
-codec_mod.encode = slow
+qj.encode = slow
 S.encode_database(codec, x, sys.argv[1], part_size=100, process_index=0, process_count=1)
 print("parts encoded:", len(calls))
 """

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from qinco_jax.files import read_json
+from qinco_jax.files import read_bounded_json
 
 COLUMNS = ("method", "epochs", "train_s_per_epoch", "mse", "r1", "r10", "r100", "encode_us")
 HEADER = ("method", "epochs", "training s/epoch", "MSE (base)", "R@1", "R@10", "R@100", "encode µs/vector")
@@ -29,8 +29,8 @@ def run_record(label: str, workdir: str, name: str) -> dict:
     rows = read_metrics(workdir, log=lambda *a: None)
     if not rows:
         raise ValueError(f"{workdir}: no epoch in metrics.jsonl")
-    summary = read_json(os.path.join(workdir, "summary.json"), "run summary")
-    table = read_json(os.path.join(workdir, f"eval_{name}.json"), "evaluation")["table"]
+    summary = read_bounded_json(os.path.join(workdir, "summary.json"), "run summary")
+    table = read_bounded_json(os.path.join(workdir, f"eval_{name}.json"), "evaluation")["table"]
     ev = dict(table[0])
     ev.update(method=label, epochs=len(rows), train_s_per_epoch=sum(r["seconds"] for r in rows) / len(rows))
     return {
@@ -44,7 +44,7 @@ def run_record(label: str, workdir: str, name: str) -> dict:
 
 def baseline_rows(workdir: str, name: str) -> list[dict]:
     """The faiss baseline rows of WORKDIR/eval_NAME.json (its first row is the codec itself)."""
-    return [dict(r) for r in read_json(os.path.join(workdir, f"eval_{name}.json"), "evaluation")["table"][1:]]
+    return [dict(r) for r in read_bounded_json(os.path.join(workdir, f"eval_{name}.json"), "evaluation")["table"][1:]]
 
 
 def markdown(rows: list[dict]) -> str:

@@ -1,14 +1,19 @@
-"""Small file helpers shared by the library, training and evaluation: JSON files, written atomically."""
+"""Small file helpers shared by the library, training and evaluation: JSON files, written atomically and read
+within a size and a depth cap."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 
 import numpy as np
 
 from qinco_jax.checks import QincoInputError
+
+MAX_JSON_BYTES = 16 << 20  # the project's JSON files are kilobytes; results tables stay far below this
+MAX_JSON_DEPTH = 32
 
 
 def _json_default(obj):
@@ -37,12 +42,54 @@ def write_json(path, obj) -> None:
         raise
 
 
-def read_json(path, what: str) -> dict:
-    """A JSON file this project wrote; a missing or unreadable file is a QincoInputError naming `what`."""
+def _depth(obj) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, [] or {} is 1), without recursion."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        depth = max(depth, d)
+        stack.extend((c, d + 1) for c in children)
+    return depth
+
+
+def read_bounded_json(path, what: str, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """The JSON object of a regular file of at most max_bytes, nested at most max_depth deep.
+
+    Made for the small JSON files this project writes (manifests, progress markers, index metadata, run
+    summaries and results). A missing file, a directory, FIFO or device, a file over the size cap, invalid
+    UTF-8 or JSON, deeper nesting or a value other than an object is a QincoInputError naming `what`.
+    """
+    path = os.fspath(path)
     try:
-        with open(path) as f:
-            return json.load(f)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO cannot block the open
     except FileNotFoundError:
         raise QincoInputError(f"{what}: {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise QincoInputError(f"{what}: cannot read {path}: {e.strerror}") from None
+    st = os.fstat(fd)  # checked on the open descriptor, so the file read is the file checked
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise QincoInputError(f"{what}: {path} is not a regular file")
+        raise QincoInputError(f"{what}: {path} holds {st.st_size:,} bytes, over the {max_bytes:,} of a JSON file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(max_bytes + 1)
+        except OSError as e:
+            raise QincoInputError(f"{what}: cannot read {path}: {e.strerror}") from None
+    if len(raw) > max_bytes:
+        raise QincoInputError(f"{what}: {path} holds over {max_bytes:,} bytes, the cap of a JSON file")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise QincoInputError(f"{what}: {path} nests more than {max_depth} deep") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise QincoInputError(f"{what}: cannot read {path}: {e}") from None
+    if _depth(obj) > max_depth:
+        raise QincoInputError(f"{what}: {path} nests more than {max_depth} deep")
+    if not isinstance(obj, dict):
+        raise QincoInputError(f"{what}: {path} holds a JSON {type(obj).__name__}, expected an object")
+    return obj

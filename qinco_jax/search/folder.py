@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from qinco_jax.checks import QincoInputError
-from qinco_jax.files import read_json, write_json
+from qinco_jax.files import read_bounded_json, write_json
 from qinco_jax.search.common import fingerprint, nlist_of, require_flat, require_ivf
 from qinco_jax.search.pairwise import PairwiseDecoder
 from qinco_jax.search.pipeline import Pipeline
@@ -51,7 +51,7 @@ def read_index_meta(index_dir) -> dict:
     if not os.path.exists(path):
         raise QincoInputError(f"{index_dir} is not a search index folder (no {INDEX_META}; build one with "
                               "`eval/search.py build`)")
-    meta = read_json(path, "search index")
+    meta = read_bounded_json(path, "search index")
     if meta.get("format") != INDEX_FORMAT:
         raise QincoInputError(f"{index_dir}: not a search index folder (format {meta.get('format')!r})")
     return meta

@@ -12,7 +12,7 @@ import numpy as np
 import qinco_jax as qj
 from qinco_jax import checks
 from qinco_jax.checks import QincoInputError
-from qinco_jax.files import read_json, write_json
+from qinco_jax.files import read_bounded_json, write_json
 from qinco_jax.progress import Progress
 from qinco_jax.search.common import code_dtype, fingerprint, nlist_of, num_codes
 
@@ -56,7 +56,7 @@ def _progress_path(out_dir: str, r: int, R: int) -> str:
 
 
 def _rows_done(path: str) -> int:
-    return read_json(path, "codes progress")["rows_done"]
+    return read_bounded_json(path, "codes progress")["rows_done"]
 
 
 def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process_index: int | None = None,
@@ -89,7 +89,7 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
                 "M": cfg.M}
     mpath = os.path.join(out_dir, MANIFEST)
     if os.path.exists(mpath):
-        old = read_json(mpath, "codes folder")
+        old = read_bounded_json(mpath, "codes folder")
         diff = sorted(k for k in manifest if old.get(k) != manifest[k])
         if diff:
             what = "; ".join(f"{k}: {str(old.get(k))[:12]!r} there, {str(manifest[k])[:12]!r} now" for k in diff)
@@ -120,7 +120,7 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
 def codes_status(out_dir) -> dict:
     """{'n': rows, 'done': rows finished by all processes, 'complete': bool, 'manifest': ...} of a codes folder."""
     out_dir = os.path.abspath(os.fspath(out_dir))
-    manifest = read_json(os.path.join(out_dir, MANIFEST), "codes folder")
+    manifest = read_bounded_json(os.path.join(out_dir, MANIFEST), "codes folder")
     if manifest.get("format") != CODES_FORMAT:
         raise QincoInputError(f"{out_dir}: not a codes folder (format {manifest.get('format')!r})")
     n, R, done = manifest["n"], manifest["process_count"], 0

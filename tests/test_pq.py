@@ -33,7 +33,7 @@ def test_official_pq_file_gives_torch_codes():
 
 def test_pq_file_is_read_by_the_restricted_unpickler():
     obj = read_objects(DATA / "pq_qinco_tiny.pt")  # inert records only
-    assert type(obj).__name__ == "PQ_QINCo" and type(obj).__module__ == "qinco_jax.unpickler"
+    assert type(obj).__name__ == "PQ_QINCo" and type(obj).__module__ == "qinco_jax.unpickler.records"
 
 
 def test_pq_file_errors(tmp_path):

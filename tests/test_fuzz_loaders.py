@@ -26,7 +26,8 @@ import pytest
 
 import qinco_jax as qj
 from qinco_jax import checkpoint, limits
-from qinco_jax.torch_format import load_pt, read_objects
+from qinco_jax.ptload import load_pt
+from qinco_jax.unpickler import read_objects
 from qinco_jax.unpickler import records as stand_ins
 
 from conftest import random_codec

@@ -8,7 +8,9 @@ import pytest
 
 import qinco_jax as qj
 from qinco_jax import pq
-from qinco_jax.torch_format import CheckpointError, load_pt_codec, read_objects
+from qinco_jax.checks import CheckpointError
+from qinco_jax.ptload import load_pt_codec
+from qinco_jax.unpickler import read_objects
 
 from conftest import random_codec, near_codes
 

@@ -13,7 +13,7 @@ short, fixed list of globals to inert stand-ins:
 - numpy scalars and dtypes (the pickled `db_scale`) -> whitelisted numeric dtypes only;
 - `collections.OrderedDict`, `set` and `_codecs.encode` (latin-1 only).
 
-Every other global raises `CheckpointError` before anything is called. qinco_jax.torch_format turns the
+Every other global raises `CheckpointError` before anything is called. qinco_jax.ptload turns the
 resulting record tree into a codec.
 
 Hostile files: only regular files are opened; every read runs under the budgets of

@@ -12,7 +12,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qinco_jax import checks
-from qinco_jax.model import Qinco, QincoConfig, nearest_blocked
+from qinco_jax.config import QincoConfig
+from qinco_jax.model import Qinco, nearest_blocked
 from qinco_jax.progress import Progress
 
 # Vectors per jitted call, and elements of the inner sub-batch's (sub, K, max(d, h)) activations, by

@@ -11,7 +11,7 @@ import numpy as np
 
 from qinco_jax import limits
 from qinco_jax.checks import CheckpointError, short
-from qinco_jax.model import QincoConfig
+from qinco_jax.config import QincoConfig
 from qinco_jax.unpickler import ModuleRecord, RestrictedUnpickler, read_objects  # noqa: F401  (re-exported)
 
 __all__ = ["CheckpointError", "ModuleRecord", "RestrictedUnpickler", "convert", "load_pt", "load_pt_codec",

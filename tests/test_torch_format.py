@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from qinco_jax import codec as qcodec
-from qinco_jax.model import QincoConfig
+from qinco_jax.config import QincoConfig
 import reference
 from qinco_jax.torch_format import (
     CheckpointError,

@@ -193,3 +193,16 @@ class Qinco(nn.Module):
     def presel_books(self):
         """The pre-selection codebooks of steps 1 .. M-1 (a list of (K, d))."""
         return [step.presel_codebook for step in self.steps]
+
+
+def init_params(cfg: QincoConfig, key: jax.Array) -> dict:
+    """Random parameters: codebooks N(0, 1), linear layers as torch.nn.Linear's default init (QINCo2: its own).
+
+    Qinco(cfg).init runs through encode for plain QINCo (as always), through decode for IVF (creating
+    the same parameters without running the nearest-centroid scan eagerly).
+    """
+    if cfg.nlist:
+        variables = Qinco(cfg).init(key, jnp.zeros((1, cfg.num_codes), jnp.int32), method=Qinco.decode_all)
+    else:
+        variables = Qinco(cfg).init(key, jnp.zeros((1, cfg.d)), method=Qinco.encode)
+    return variables["params"]

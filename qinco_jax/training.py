@@ -17,11 +17,11 @@ import numpy as np
 import optax
 from flax import jax_utils
 
-from qinco_jax import codec as codec_mod
-from qinco_jax import recipe
-from qinco_jax.model import Qinco, QincoConfig
+from qinco_jax import recipe, runtime
+from qinco_jax.config import QincoConfig
+from qinco_jax.model import Qinco
 
-AXIS = codec_mod.AXIS
+AXIS = runtime.AXIS
 MIN_LR = 2e-6  # the original stops once the learning rate falls below this
 PLATEAU_PATIENCE = 10  # validations without a new best before the learning rate is divided by 10
 
@@ -99,7 +99,7 @@ def plateau() -> Plateau:
 
 def _slice(cfg: QincoConfig, b: int) -> int:
     """Largest divisor of b not above the codec's inner sub-batch (cache-sized candidate tensors)."""
-    sub = codec_mod._sub_batch(cfg, b)
+    sub = runtime._sub_batch(cfg, b)
     while b % sub:
         sub -= 1
     return sub
@@ -190,7 +190,7 @@ def init_state(params, cfg: QincoConfig | None = None) -> TrainState:
 def replicate(state: TrainState, devices: tuple | None = None) -> TrainState:
     """Copy a host state onto every local device (leading device axis), laid out as the pmap step's
     own outputs, so the step compiles once rather than once more for its second call."""
-    return codec_mod.stacked_replicate(state, codec_mod.local_devices(devices or None))
+    return runtime.stacked_replicate(state, runtime.local_devices(devices or None))
 
 
 def unreplicate(state: TrainState) -> TrainState:

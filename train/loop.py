@@ -136,8 +136,8 @@ def rq_val_mse(xt, xval, M: int, K: int, beam: int, ivf: qj.Codec | None = None,
     xv = np.array(xval, np.float32)
     if ivf is not None:
         c = ivf.ivf_centroids
-        xt -= c[qj.codec.ivf_assign(ivf, xt)]
-        xv -= c[qj.codec.ivf_assign(ivf, xv)]
+        xt -= c[qj.runtime.ivf_assign(ivf, xt)]
+        xv -= c[qj.runtime.ivf_assign(ivf, xv)]
     rq = faiss_ops.train_rq(xt, M, K, beam)
     return float(((rq.decode(rq.compute_codes(xv)) - xv) ** 2).sum(1).mean())
 
@@ -189,7 +189,7 @@ def restore(cfg: TrainConfig, ds: data.Dataset, ckpts: TrainCheckpoints, workdir
     """The state of the last completed epoch that can be read (None when there is none); metrics
     past it are dropped (they will be redone)."""
     mcfg = cfg.model(ds.d)
-    params = jax.device_get(qj.codec.init_params(mcfg, jax.random.key(0)))
+    params = jax.device_get(qj.model.init_params(mcfg, jax.random.key(0)))
     template = {"train": training.init_state(params, mcfg), "plateau": training.plateau().init(params)}
     for epoch in sorted(ckpts.steps(), reverse=True):
         try:

@@ -105,8 +105,9 @@ def _slice(cfg: QincoConfig, b: int) -> int:
     return sub
 
 
-def greedy_codes(cfg: QincoConfig, params, x_BD):
-    """Greedy codes of the current model, without gradient, in cache-sized slices.
+def search_codes(cfg: QincoConfig, params, x_BD):
+    """Codes of the current model from its own beam search (the config's A, B; greedy for A = 0, B = 1),
+    without gradient, in cache-sized slices: those of `qinco_jax.encode` at the same A, B.
 
     IVF: the list ids are assigned on the whole local batch first (the centroids are frozen, so this
     equals the original's precomputed assignment), then the steps run slice by slice.
@@ -126,17 +127,18 @@ def greedy_codes(cfg: QincoConfig, params, x_BD):
 def loss_terms(cfg: QincoConfig, params, x_BD, w_B):
     """(weighted sum of the per-vector errors summed over prefixes, sum of weights).
 
-    The original's forward pass: greedy codes (no gradient flows through the argmin), then the
-    differentiable re-decoding, with every prefix's squared error (IVF: the prefix-1 error, the IVF
-    error, is in the sum but carries no gradient). QINCo2: the codes come from the model's own beam
-    search (A, B of the config), and the pre-selection books add their RQ-style term (spec 3.1).
+    The original's forward pass: codes of the model's search (search_codes; no gradient flows through
+    the argmin), then the differentiable re-decoding, with every prefix's squared error (IVF: the
+    prefix-1 error, the IVF error, is in the sum but carries no gradient). QINCo2: the codes come from
+    the model's own beam search (A, B of the config), and the pre-selection books add their RQ-style
+    term (spec 3.1).
     """
     return loss_and_stats(cfg, params, x_BD, w_B)[:2]
 
 
 def loss_and_stats(cfg: QincoConfig, params, x_BD, w_B, stats: bool = False):
     """loss_terms and, with stats=True, the batch's code usage and residual-target sums (recipe.usage_stats)."""
-    codes = greedy_codes(cfg, params, x_BD)
+    codes = search_codes(cfg, params, x_BD)
     xhats = Qinco(cfg).apply({"params": params}, codes, method=Qinco.decode_prefixes)
     err_B = sum(jnp.sum(jnp.square(xh - x_BD), axis=-1) for xh in xhats)
     if cfg.preselect:

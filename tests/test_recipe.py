@@ -53,7 +53,7 @@ def test_preselection_term_trains_only_the_preselection_books():
     x = near_codes(codec, 64, noise=0.3)
     w = np.ones(64, np.float32)
 
-    codes = training.greedy_codes(V2, codec.params, x)
+    codes = training.search_codes(V2, codec.params, x)
 
     def pre_term(p):
         xhats = model.Qinco(V2).apply({"params": p}, codes, method=model.Qinco.decode_prefixes)
@@ -92,7 +92,7 @@ def test_usage_is_counted_over_all_devices():
     s1, st1 = _stats_step(codec, x, jax.local_devices()[:1])
     np.testing.assert_array_equal(st8["counts"], st1["counts"])
     assert st8["counts"].sum() == 256 * V2.M and st8["n"] == 256
-    codes = np.asarray(training.greedy_codes(V2, codec.params, x))
+    codes = np.asarray(training.search_codes(V2, codec.params, x))
     for m in range(V2.M):
         np.testing.assert_array_equal(st8["counts"][m], np.bincount(codes[:, m], minlength=V2.K))
     np.testing.assert_allclose(st8["rsum"][0], x.sum(0), rtol=1e-4, atol=1e-3)

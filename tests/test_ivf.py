@@ -12,7 +12,7 @@ import pytest
 import qinco_jax as qj
 from qinco_jax import faiss_ops, runtime, training
 from qinco_jax.initialise import with_codebooks
-from qinco_jax.model import Qinco, init_params, nearest, nearest_blocked
+from qinco_jax.model import init_params, nearest, nearest_blocked
 
 import reference
 from conftest import random_codec

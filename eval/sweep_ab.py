@@ -46,16 +46,16 @@ def parse_settings(text: str, K: int) -> list[tuple[int, int]]:
 def sweep(codec, x: np.ndarray, settings, progress: bool = True) -> list[dict]:
     """One row per (A, B): MSE (raw units), vectors/s, µs/vector and network evaluations per step."""
     import qinco_jax as qj
-    from qinco_jax import codec as codec_mod
+    from qinco_jax import runtime
 
     cfg = codec.config
     rows = []
     for A, B in settings:
-        codec_mod.search_policy(cfg, B, A)  # a clear error before any work
-        chunk = codec_mod._encode_chunk(cfg, None, len(x), A, B)
+        runtime.search_policy(cfg, B, A)  # a clear error before any work
+        chunk = runtime._encode_chunk(cfg, None, len(x), A, B)
         qj.encode(codec, x[:chunk], beam=B, candidates=A)  # compile this search's function
         t0 = time.perf_counter()
-        codes, err = codec_mod.encode_with_error(codec, x, beam=B, candidates=A, progress=progress)
+        codes, err = qj.encode_with_error(codec, x, beam=B, candidates=A, progress=progress)
         dt = time.perf_counter() - t0
         dec = np.asarray(qj.decode(codec, codes), np.float64)
         mse_dec = float(((dec - np.asarray(x, np.float64)) ** 2).sum(1).mean())

@@ -23,7 +23,7 @@ from qinco_jax import limits as limits_mod
 from qinco_jax.checks import CheckpointError, QincoInputError, short
 from qinco_jax.codec import Codec, Norm, param_shapes
 from qinco_jax.limits import Limits
-from qinco_jax.model import VARIANTS, QincoConfig
+from qinco_jax.config import VARIANTS, QincoConfig
 from qinco_jax.unpickler import check_depth, open_regular
 
 FORMAT = "qinco_jax.codec/1"

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import qinco_jax as qj  # noqa: E402
-from qinco_jax import codec as codec_mod  # noqa: E402
+from qinco_jax import model  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = qj.QincoConfig(d=16, K=16, M=3, L=2, h=24)
@@ -46,7 +46,7 @@ def as_rq(codec: qj.Codec) -> qj.Codec:
 
 def random_codec(cfg: qj.QincoConfig = TINY, seed: int = 0, scale: float = 1.0) -> qj.Codec:
     """Random weights with N(0,1) codebooks."""
-    return qj.Codec(cfg, jax.device_get(codec_mod.init_params(cfg, jax.random.key(seed))), scale)
+    return qj.Codec(cfg, jax.device_get(model.init_params(cfg, jax.random.key(seed))), scale)
 
 
 def near_codes(codec: qj.Codec, n: int, seed: int = 1, noise: float = 0.05) -> np.ndarray:

@@ -8,8 +8,7 @@ import pytest
 
 import qinco_jax as qj
 from eval import search as cli
-from qinco_jax import codec as codec_mod
-from qinco_jax import data
+from qinco_jax import data, model
 from qinco_jax import search as S
 from qinco_jax.checks import QincoInputError
 from qinco_jax.search.pipeline import _shortlist
@@ -21,7 +20,7 @@ FLAT = qj.QincoConfig(d=16, K=16, M=3, L=1, h=16)
 
 def ivf_codec(seed=0, scale=4.0):
     """Random IVF-QINCo weights with spread-out centroids (scaled domain)."""
-    params = jax.device_get(codec_mod.init_params(CFG, jax.random.key(seed)))
+    params = jax.device_get(model.init_params(CFG, jax.random.key(seed)))
     params = dict(params)
     params["codebook0"] = np.asarray(params["codebook0"]) * 4
     return qj.Codec(CFG, params, scale)
@@ -98,7 +97,7 @@ def test_ivf_bad_input(ivf_setup, tmp_path):
     p = S.load_pipeline(d, codec)
     with pytest.raises(QincoInputError, match="nprobe=9 is larger than .*nlist=8"):
         S.search(p, xq, nprobe=9)
-    flat = qj.Codec(FLAT, jax.device_get(codec_mod.init_params(FLAT, jax.random.key(0))), 4.0)
+    flat = qj.Codec(FLAT, jax.device_get(model.init_params(FLAT, jax.random.key(0))), 4.0)
     with pytest.raises(QincoInputError, match="needs an IVF-QINCo codec"):
         S.load_pipeline(d, flat)
     with pytest.raises(QincoInputError, match="needs an IVF-QINCo codec"):

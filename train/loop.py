@@ -95,7 +95,7 @@ def restore(cfg: TrainConfig, ds: data.Dataset, ckpts: TrainCheckpoints, workdir
     """The state of the last completed epoch that can be read (None when there is none); metrics
     past it are dropped (they will be redone)."""
     mcfg = cfg.model(ds.d)
-    params = jax.device_get(qj.codec.init_params(mcfg, jax.random.key(0)))
+    params = jax.device_get(qj.model.init_params(mcfg, jax.random.key(0)))
     template = {"train": training.init_state(params, mcfg), "plateau": training.plateau().init(params)}
     for epoch in sorted(ckpts.steps(), reverse=True):
         try:

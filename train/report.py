@@ -27,8 +27,8 @@ def rq_val_mse(xt, xval, M: int, K: int, beam: int, ivf: qj.Codec | None = None,
     xv = np.array(xval, np.float32)
     if ivf is not None:
         c = ivf.ivf_centroids
-        xt -= c[qj.codec.ivf_assign(ivf, xt)]
-        xv -= c[qj.codec.ivf_assign(ivf, xv)]
+        xt -= c[qj.runtime.ivf_assign(ivf, xt)]
+        xv -= c[qj.runtime.ivf_assign(ivf, xv)]
     rq = faiss_ops.train_rq(xt, M, K, beam)
     return float(((rq.decode(rq.compute_codes(xv)) - xv) ** 2).sum(1).mean())
 

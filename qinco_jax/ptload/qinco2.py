@@ -14,7 +14,7 @@ import numpy as np
 from qinco_jax import limits
 from qinco_jax.checks import CheckpointError, short
 from qinco_jax.codec import Norm
-from qinco_jax.model import QincoConfig
+from qinco_jax.config import QincoConfig
 from qinco_jax.ptload.tensors import MALFORMED, StateDictTensors
 
 DDP_PREFIX = "module."

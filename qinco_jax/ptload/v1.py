@@ -13,7 +13,7 @@ import numpy as np
 from qinco_jax import limits
 from qinco_jax.checks import CheckpointError, short
 from qinco_jax.codec import Codec
-from qinco_jax.model import QincoConfig
+from qinco_jax.config import QincoConfig
 from qinco_jax.pq import PQCodec
 from qinco_jax.ptload.tensors import MALFORMED, checked_tensor
 from qinco_jax.unpickler import ModuleRecord

@@ -143,7 +143,7 @@ def _refuse_constant(name: str):
     raise ValueError(f"the non-finite number {name} is not allowed")
 
 
-def read_json(path: str, limits: Limits = limits_mod.DEFAULT, what: str = "metadata file") -> dict:
+def read_checkpoint_json(path: str, limits: Limits = limits_mod.DEFAULT, what: str = "metadata file") -> dict:
     """A small JSON object from a regular file: size, depth and finite numbers checked."""
     f = open_regular(path, limits.max_json_bytes, what)
     try:
@@ -163,7 +163,7 @@ def read_json(path: str, limits: Limits = limits_mod.DEFAULT, what: str = "metad
 
 
 def _read_meta(path: str, limits: Limits = limits_mod.DEFAULT) -> dict:
-    meta = read_json(os.path.join(path, META), limits, META)
+    meta = read_checkpoint_json(os.path.join(path, META), limits, META)
     if meta.get("format") not in (FORMAT, PQ_FORMAT):
         raise CheckpointError(f"{path}: unknown codec format {short(meta.get('format'))} in {META} (expected {FORMAT!r})")
     return meta

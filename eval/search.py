@@ -39,6 +39,7 @@ from qinco_jax import search as S  # noqa: E402
 from qinco_jax.checks import QincoInputError  # noqa: E402
 
 KS = (1, 10, 100)
+MODEL_COPY = "codec"  # the codec, saved inside the index folder
 COLUMNS = ("method", "nprobe", "nshort", "pf", "qps", "r1", "r10", "r100", "r1_short", "r10_short",
            "t_short_ms", "t_pair_ms", "t_decode_ms", "t_rerank_ms")
 
@@ -173,7 +174,11 @@ def build(args) -> dict:
     if pairwise is not None:
         held["pairwise"] = pairwise.decode(cb)
     mse_db = {k: float(np.mean(np.sum(np.square(v - xh), axis=1))) for k, v in held.items()}
-    info = {"model": os.path.abspath(args.model), "db": os.path.abspath(args.db), "train": os.path.abspath(args.train),
+    model_copy = out / MODEL_COPY
+    if not (model_copy.exists() and S.fingerprint(qj.load(model_copy)) == S.fingerprint(codec)):
+        qj.save(codec, model_copy, overwrite=True)  # the folder carries its codec: moving or sharing it keeps search working
+    info = {"model": MODEL_COPY, "model_source": S.relative_path(out, args.model), "db": S.relative_path(out, args.db),
+            "train": S.relative_path(out, args.train),
             "nt": int(xt.shape[0]), "nb": int(xb.shape[0]), "norm": args.norm, "hnsw": args.hnsw,
             "code_bytes": int(index.code_size), "times": times, "additive_mse_train": mse_train,
             "pairwise_tables": args.pairwise, "pairwise_mse_train": mse_pairwise,
@@ -304,7 +309,7 @@ def search_cmd(args) -> dict:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     meta = S.read_index_meta(args.index)
-    model = args.model or meta.get("model")
+    model = args.model or S.folder_path(args.index, meta.get("model"), "model", "--model")
     codec = qj.load(model)
     p = S.load_pipeline(args.index, codec)
     cfg = codec.config
@@ -323,9 +328,10 @@ def search_cmd(args) -> dict:
                               f"{', '.join(baselines.SEARCH_BASELINES)}")
     xb = None
     if names or args.gt is None:
-        xb = data.read_vectors(args.db or meta["db"])
+        db = args.db or S.folder_path(args.index, meta.get("db"), "raw database", "--db")
+        xb = data.read_vectors(db)
         if xb.shape[0] != p.index.ntotal:
-            raise QincoInputError(f"the database {args.db or meta['db']} holds {xb.shape[0]:,} vectors, the index "
+            raise QincoInputError(f"the database {db} holds {xb.shape[0]:,} vectors, the index "
                                   f"{p.index.ntotal:,}")
     if args.gt is None:
         log("no ground truth: exact search in the raw database")
@@ -335,7 +341,8 @@ def search_cmd(args) -> dict:
     warm_up(codec, p, xq)
     rows = qinco_rows(p, xq, gt, args)
     if names:
-        xt = data.read_vectors(args.train or meta["train"])
+        xt = data.read_vectors(args.train or S.folder_path(args.index, meta.get("train"), "training vectors",
+                                                            "--train"))
         xt = np.ascontiguousarray(xt[: min(args.nt_baselines, xt.shape[0])], np.float32)
         nbits = int(round(np.log2(cfg.K)))
         rows += baseline_rows(names, S.ivf_centroids(codec), cfg.M, nbits, xt, xb, xq, gt, args)

@@ -93,3 +93,86 @@ def read_bounded_json(path, what: str, *, max_bytes: int = MAX_JSON_BYTES, max_d
     if not isinstance(obj, dict):
         raise QincoInputError(f"{what}: {path} holds a JSON {type(obj).__name__}, expected an object")
     return obj
+
+
+MAX_NPZ_BYTES = 4 << 30
+
+
+def read_npz(path, what: str, members: dict, required=(), *, max_bytes: int = MAX_NPZ_BYTES) -> dict:
+    """The arrays of an .npz archive, each checked from the archive's headers before anything is inflated.
+
+    members maps each allowed array name to (dtype, ndim). The archive must be a regular file; every entry
+    must be one of them (stored or deflated), its .npy header must give that dtype and ndim (no object arrays,
+    no pickles), its declared size must equal the header's shape times the item size, and all declared sizes
+    together must stay within max_bytes. Inflating never goes past a declared size (zipfile stops there and
+    checks the CRC), so memory stays bounded by max_bytes whatever the file claims. A QincoInputError names
+    `what` and the entry otherwise.
+    """
+    import zipfile
+
+    path = os.fspath(path)
+    fd = _open_regular(path, what)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            z = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise QincoInputError(f"{what}: {path} is not an .npz archive ({e})") from None
+        with z:
+            infos = z.infolist()
+            if len(infos) > len(members):
+                raise QincoInputError(f"{what}: {path} holds {len(infos):,} entries, at most {len(members)} expected")
+            names = [i.filename[:-4] if i.filename.endswith(".npy") else i.filename for i in infos]
+            unknown = sorted(set(names) - set(members))
+            missing = sorted(set(required) - set(names))
+            if unknown or missing or len(set(names)) != len(names):
+                raise QincoInputError(f"{what}: {path} has entries {sorted(names)[:10]}; expected "
+                                      f"{sorted(required)} and optionally {sorted(set(members) - set(required))}")
+            if sum(i.file_size for i in infos) > max_bytes:
+                raise QincoInputError(f"{what}: {path} declares {sum(i.file_size for i in infos):,} bytes of "
+                                      f"arrays, over the budget of {max_bytes:,}")
+            out = {}
+            for name, info in zip(names, infos):
+                out[name] = _read_npy_entry(z, info, members[name], f"{what}: {path}: {name}")
+    return out
+
+
+def _open_regular(path: str, what: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise QincoInputError(f"{what}: cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QincoInputError(f"{what}: {path} is not a regular file")
+    return fd
+
+
+def _read_npy_entry(z, info, spec: tuple, where: str) -> np.ndarray:
+    import zipfile
+
+    dtype, ndim = np.dtype(spec[0]), spec[1]
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise QincoInputError(f"{where}: compression method {info.compress_type} (expected stored or deflated)")
+    try:
+        with z.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, got = read(f, max_header_size=10000)
+            start = f.tell()
+            if got != dtype or len(shape) != ndim or fortran:
+                raise QincoInputError(f"{where}: a {got} array of shape {shape} (fortran order {fortran}); "
+                                      f"expected {dtype} with {ndim} dimensions")
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if start + nbytes != info.file_size:
+                raise QincoInputError(f"{where}: the header's shape {shape} needs {nbytes:,} bytes, the entry "
+                                      f"declares {info.file_size - start:,}")
+            raw = f.read(nbytes)
+    except QincoInputError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError, RuntimeError) as e:
+        raise QincoInputError(f"{where}: unreadable ({e})") from None
+    if len(raw) != nbytes:
+        raise QincoInputError(f"{where}: {len(raw):,} bytes where the header needs {nbytes:,}")
+    return np.frombuffer(raw, dtype).reshape(shape).copy()

@@ -49,7 +49,8 @@ def _search(files, index, *extra):
 def test_build_and_sweep(files, built):
     meta = S.read_index_meta(built)
     assert meta["ntotal"] == NB and meta["pairwise"] and meta["nt"] == 2000
-    res = _search(files, built, "--nshort", f"10,{NB}", "--pairwise-factor", "1,3", "--baselines", "--ceiling")
+    res = _search(files, built, "--nshort", f"10,{NB}", "--pairwise-factor", "1,3", "--baselines", "--ceiling",
+                  "--db", str(files["db"]), "--train", str(files["train"]))
     rows = res["rows"]
     methods = {r["method"] for r in rows}
     assert {"QINCo", "QINCo shortlist (no re-rank)", "QINCo +pairwise", "PQ4x4", "RQ4x4_Nqint8", "PQ4x4fs",

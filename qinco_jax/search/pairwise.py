@@ -11,10 +11,13 @@ import numpy as np
 from qinco_jax import checks
 from qinco_jax.checks import QincoInputError
 from qinco_jax.progress import Progress
-from qinco_jax.search.common import split_codes
+from qinco_jax.files import MAX_NPZ_BYTES, read_npz
+from qinco_jax.search.common import ivf_centroids, split_codes
 from qinco_jax.search.tables import additive_decode, sum_rows_by_label, targets
 
 SHRINKS = (0.5, 2.0, 8.0, 32.0)
+_MEMBERS = {"pairs": ("<i8", 2), "sizes": ("<i8", 1), "tables": ("<f4", 2), "offsets": ("<i8", 1),
+            "centroids": ("<f4", 2), "ivf_subcodes": ("<i8", 2), "base": ("<f4", 3)}
 
 
 @dataclasses.dataclass
@@ -63,9 +66,58 @@ class PairwiseDecoder:
         os.replace(os.fspath(path) + ".tmp", os.fspath(path))
 
     @classmethod
-    def load(cls, path) -> "PairwiseDecoder":
-        with np.load(os.fspath(path), allow_pickle=False) as z:
-            return cls(**{k: z[k] for k in z.files})
+    def load(cls, path, codec=None, *, max_bytes: int = MAX_NPZ_BYTES) -> "PairwiseDecoder":
+        """A decoder saved by `save`, checked: the archive's entries, dtypes and shapes from its headers before
+        anything is inflated (within max_bytes), then every offset, pair and sub-code range, and (given the
+        codec) M, K, d and the IVF centroids. A QincoInputError names the file and the problem otherwise."""
+        what = "pairwise decoder"
+        a = read_npz(path, what, _MEMBERS, ("pairs", "sizes", "tables", "offsets"), max_bytes=max_bytes)
+        pw = cls(**a)
+        problem = pw._problem(codec)
+        if problem:
+            raise QincoInputError(f"{what}: {os.fspath(path)}: {problem}; rebuild it with `eval/search.py build "
+                                  "--pairwise N`")
+        return pw
+
+    def _problem(self, codec) -> str | None:
+        """What makes this decoder unusable (for the codec, if given), or None."""
+        P, pool, (rows, d) = self.pairs.shape[0], self.sizes.shape[0], self.tables.shape
+        if P < 1 or self.pairs.shape[1] != 2 or self.offsets.shape != (P + 1,):
+            return f"pairs {self.pairs.shape} and offsets {self.offsets.shape} do not match"
+        if (self.centroids is None) != (self.ivf_subcodes is None):
+            return "centroids and ivf_subcodes come together"
+        M = pool - (0 if self.ivf_subcodes is None else self.ivf_subcodes.shape[1])
+        if M < 1 or self.sizes.min() < 1 or self.sizes.max() > 1 << 16:
+            return f"code ranges {self.sizes[:8].tolist()} out of [1, 65536] (pool of {pool})"
+        if self.pairs.min() < 0 or self.pairs.max() >= pool or np.any(self.pairs[:, 0] == self.pairs[:, 1]):
+            return f"pairs outside the code pool of {pool} positions"
+        cells = self.sizes[self.pairs[:, 0]] * self.sizes[self.pairs[:, 1]]
+        if self.offsets[0] != 0 or np.any(np.diff(self.offsets) != cells) or self.offsets[-1] != rows:
+            return f"offsets {self.offsets[:8].tolist()} are not the running sum of the pairs' cells ({rows} rows)"
+        if self.centroids is not None:
+            nlist = self.centroids.shape[0]
+            if self.ivf_subcodes.shape[0] != nlist or self.centroids.shape[1] != d:
+                return f"centroids {self.centroids.shape} and sub-codes {self.ivf_subcodes.shape} do not match"
+            if self.ivf_subcodes.size and (self.ivf_subcodes.min() < 0
+                                           or np.any(self.ivf_subcodes >= self.sizes[M:])):
+                return "IVF sub-codes outside their code ranges"
+        if self.base is not None and self.base.shape[0] != M:
+            return f"base tables {self.base.shape} for M={M}"
+        for name in ("tables", "centroids", "base"):
+            v = getattr(self, name)
+            if v is not None and not np.isfinite(v).all():
+                return f"{name} holds NaN or inf"
+        if codec is not None:
+            cfg = codec.config
+            if (M, d) != (cfg.M, cfg.d) or np.any(self.sizes[:M] != cfg.K):
+                return f"made for M={M}, d={d}, K={self.sizes[:M].tolist()}; the codec has M={cfg.M}, d={cfg.d}, K={cfg.K}"
+            if self.base is not None and self.base.shape != (cfg.M, cfg.K, cfg.d):
+                return f"base tables {self.base.shape} for a codec of (M, K, d) = {(cfg.M, cfg.K, cfg.d)}"
+            cent = ivf_centroids(codec)
+            if (cent is None) != (self.centroids is None) or (cent is not None and not np.array_equal(
+                    cent, self.centroids)):
+                return "its IVF centroids are not the codec's"
+        return None
 
 
 def ivf_subcodes(centroids: np.ndarray, n_sub: int, K: int, seed: int = 0) -> tuple[np.ndarray, int]:

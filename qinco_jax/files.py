@@ -98,20 +98,22 @@ def read_bounded_json(path, what: str, *, max_bytes: int = MAX_JSON_BYTES, max_d
 MAX_NPZ_BYTES = 4 << 30
 
 
-def read_npz(path, what: str, members: dict, required=(), *, max_bytes: int = MAX_NPZ_BYTES) -> dict:
+def read_npz(path, what: str, members: dict, required=(), *, max_bytes: int = MAX_NPZ_BYTES,
+             check_shapes=None) -> dict:
     """The arrays of an .npz archive, each checked from the archive's headers before anything is inflated.
 
     members maps each allowed array name to (dtype, ndim). The archive must be a regular file; every entry
     must be one of them (stored or deflated), its .npy header must give that dtype and ndim (no object arrays,
     no pickles), its declared size must equal the header's shape times the item size, and all declared sizes
-    together must stay within max_bytes. Inflating never goes past a declared size (zipfile stops there and
-    checks the CRC), so memory stays bounded by max_bytes whatever the file claims. A QincoInputError names
+    together must stay within max_bytes; check_shapes({name: shape}), if given, may refuse the shapes (raising
+    QincoInputError) before any data is inflated. Inflating never goes past a declared size (zipfile stops
+    there and checks the CRC), so memory stays bounded whatever the file claims. A QincoInputError names
     `what` and the entry otherwise.
     """
     import zipfile
 
     path = os.fspath(path)
-    fd = _open_regular(path, what)
+    fd = open_regular(path, what)
     with os.fdopen(fd, "rb") as f:
         try:
             z = zipfile.ZipFile(f)
@@ -130,13 +132,13 @@ def read_npz(path, what: str, members: dict, required=(), *, max_bytes: int = MA
             if sum(i.file_size for i in infos) > max_bytes:
                 raise QincoInputError(f"{what}: {path} declares {sum(i.file_size for i in infos):,} bytes of "
                                       f"arrays, over the budget of {max_bytes:,}")
-            out = {}
-            for name, info in zip(names, infos):
-                out[name] = _read_npy_entry(z, info, members[name], f"{what}: {path}: {name}")
-    return out
+            heads = {n: _npy_entry(z, i, members[n], f"{what}: {path}: {n}") for n, i in zip(names, infos)}
+            if check_shapes is not None:
+                check_shapes({n: h[0] for n, h in heads.items()})
+            return {n: _npy_entry(z, i, members[n], f"{what}: {path}: {n}", read=True) for n, i in zip(names, infos)}
 
 
-def _open_regular(path: str, what: str) -> int:
+def open_regular(path: str, what: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
@@ -147,7 +149,8 @@ def _open_regular(path: str, what: str) -> int:
     return fd
 
 
-def _read_npy_entry(z, info, spec: tuple, where: str) -> np.ndarray:
+def _npy_entry(z, info, spec: tuple, where: str, read: bool = False):
+    """(shape, header bytes) of a .npy entry, checked against spec (dtype, ndim); with read, its array."""
     import zipfile
 
     dtype, ndim = np.dtype(spec[0]), spec[1]
@@ -156,10 +159,9 @@ def _read_npy_entry(z, info, spec: tuple, where: str) -> np.ndarray:
     try:
         with z.open(info) as f:
             version = np.lib.format.read_magic(f)
-            if version not in ((1, 0), (2, 0)):
+            if version != (1, 0):  # what np.save writes for these arrays; 2.0 headers may claim 4 GB
                 raise ValueError(f"unsupported .npy version {version}")
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, got = read(f, max_header_size=10000)
+            shape, fortran, got = np.lib.format.read_array_header_1_0(f, max_header_size=10000)
             start = f.tell()
             if got != dtype or len(shape) != ndim or fortran:
                 raise QincoInputError(f"{where}: a {got} array of shape {shape} (fortran order {fortran}); "
@@ -168,11 +170,13 @@ def _read_npy_entry(z, info, spec: tuple, where: str) -> np.ndarray:
             if start + nbytes != info.file_size:
                 raise QincoInputError(f"{where}: the header's shape {shape} needs {nbytes:,} bytes, the entry "
                                       f"declares {info.file_size - start:,}")
+            if not read:
+                return shape, start
             raw = f.read(nbytes)
     except QincoInputError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError, RuntimeError) as e:
-        raise QincoInputError(f"{where}: unreadable ({e})") from None
+        raise QincoInputError(f"{where}: unreadable ({str(e)[:200]})") from None
     if len(raw) != nbytes:
         raise QincoInputError(f"{where}: {len(raw):,} bytes where the header needs {nbytes:,}")
     return np.frombuffer(raw, dtype).reshape(shape).copy()

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from qinco_jax.checks import QincoInputError
-from qinco_jax.files import read_bounded_json, write_json
+from qinco_jax.files import open_regular, read_bounded_json, write_json
 from qinco_jax.schema import BOOL, DICT, FLOAT, INT, NONE, STR, Field, check
 from qinco_jax.search import faiss_file
 from qinco_jax.search.common import fingerprint, ivf_centroids, nlist_of, require_flat, require_ivf
@@ -120,11 +120,11 @@ def read_index_meta(index_dir) -> dict:
 def _load_tables(path: str, codec) -> np.ndarray:
     cfg = codec.config
     want = (cfg.M, cfg.K, cfg.d)
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, "tables"), "rb") as f:
         try:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f, max_header_size=10000)
+            if np.lib.format.read_magic(f) != (1, 0):  # what np.save writes; 2.0 headers may claim 4 GB
+                raise ValueError("unsupported .npy version")
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=10000)
         except (ValueError, OSError, SyntaxError) as e:
             raise QincoInputError(f"{path}: not an .npy file ({e})") from None
         if shape != want or dtype != np.dtype("<f4") or fortran:

@@ -18,6 +18,7 @@ from qinco_jax.search.tables import additive_decode, sum_rows_by_label, targets
 SHRINKS = (0.5, 2.0, 8.0, 32.0)
 _MEMBERS = {"pairs": ("<i8", 2), "sizes": ("<i8", 1), "tables": ("<f4", 2), "offsets": ("<i8", 1),
             "centroids": ("<f4", 2), "ivf_subcodes": ("<i8", 2), "base": ("<f4", 3)}
+MAX_PAIRS, MAX_POOL = 4096, 1024
 
 
 @dataclasses.dataclass
@@ -71,7 +72,8 @@ class PairwiseDecoder:
         anything is inflated (within max_bytes), then every offset, pair and sub-code range, and (given the
         codec) M, K, d and the IVF centroids. A QincoInputError names the file and the problem otherwise."""
         what = "pairwise decoder"
-        a = read_npz(path, what, _MEMBERS, ("pairs", "sizes", "tables", "offsets"), max_bytes=max_bytes)
+        a = read_npz(path, what, _MEMBERS, ("pairs", "sizes", "tables", "offsets"), max_bytes=max_bytes,
+                     check_shapes=lambda shapes: _check_shapes(shapes, codec, f"{what}: {os.fspath(path)}"))
         pw = cls(**a)
         problem = pw._problem(codec)
         if problem:
@@ -118,6 +120,27 @@ class PairwiseDecoder:
                     cent, self.centroids)):
                 return "its IVF centroids are not the codec's"
         return None
+
+
+def _check_shapes(shapes: dict, codec, where: str) -> None:
+    """Bounds on the shapes of a saved decoder, checked before its arrays are inflated."""
+    P = shapes["pairs"][0]
+    rows, d = shapes["tables"]
+    pool = shapes["sizes"][0]
+    cfg = getattr(codec, "config", None)
+    cells = cfg.K * cfg.K if cfg is not None else 1 << 24
+    problem = None
+    if not 1 <= P <= MAX_PAIRS or shapes["pairs"][1] != 2 or shapes["offsets"] != (P + 1,):
+        problem = f"pairs {shapes['pairs']} and offsets {shapes['offsets']}: expected (P, 2) and (P + 1,), P <= {MAX_PAIRS}"
+    elif pool > MAX_POOL or rows > P * cells or (cfg is not None and d != cfg.d):
+        problem = f"tables {shapes['tables']} for {P} pairs over a pool of {pool} codes"
+    elif cfg is not None and shapes.get("base", (cfg.M, cfg.K, cfg.d)) != (cfg.M, cfg.K, cfg.d):
+        problem = f"base tables {shapes['base']} for a codec of (M, K, d) = {(cfg.M, cfg.K, cfg.d)}"
+    elif "centroids" in shapes and (shapes["centroids"][0] > 1 << 24 or shapes["centroids"][1] != d or
+                                    shapes.get("ivf_subcodes", (0, 0))[0] != shapes["centroids"][0]):
+        problem = f"centroids {shapes['centroids']} and sub-codes {shapes.get('ivf_subcodes')}"
+    if problem:
+        raise QincoInputError(f"{where}: {problem}")
 
 
 def ivf_subcodes(centroids: np.ndarray, n_sub: int, K: int, seed: int = 0) -> tuple[np.ndarray, int]:

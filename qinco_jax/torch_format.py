@@ -7,6 +7,8 @@ tree in this package's layout (see qinco_jax.model) and the data scale (the orig
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from qinco_jax import limits
@@ -266,10 +268,15 @@ def load_pt_codec(path):
 
     from qinco_jax.torch_qinco2 import convert_qinco2, is_qinco2_checkpoint
 
+    from qinco_jax.probe import refuse_overflow
+
     obj = read_objects(path)
     if isinstance(obj, ModuleRecord) and obj.name == "PQ_QINCo" and isinstance(obj.state, dict):
-        return convert_pq(obj)
-    if is_qinco2_checkpoint(obj):
-        return Codec(*convert_qinco2(obj))
-    return Codec(*convert(obj))
+        codec = convert_pq(obj)
+    elif is_qinco2_checkpoint(obj):
+        codec = Codec(*convert_qinco2(obj))
+    else:
+        codec = Codec(*convert(obj))
+    refuse_overflow(codec, os.fspath(path))  # finite but extreme weights: decode would give inf / NaN
+    return codec
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from qinco_jax import limits as limits_mod
 from qinco_jax.checks import CheckpointError, QincoInputError, short
+from qinco_jax.files import umask_mode
 from qinco_jax.codec import Codec, Norm, param_shapes
 from qinco_jax.limits import Limits
 from qinco_jax.model import VARIANTS, QincoConfig
@@ -95,6 +96,7 @@ def save(codec: Codec, path, *, overwrite: bool = False) -> str:
     recover_save(path)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes 0700: colleagues could not read the codec
         _write(codec, tmp, params)
         if os.path.exists(path):
             old = tmp + ".old"

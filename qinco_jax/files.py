@@ -32,6 +32,7 @@ def write_json(path, obj) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode(0o666))  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=_json_default)
             f.write("\n")
@@ -40,6 +41,13 @@ def write_json(path, obj) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def umask_mode(mode: int) -> int:
+    """mode as the process's umask lets it be (what open() and mkdir() give, not tempfile's 0600 / 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
 
 
 def _depth(obj) -> int:

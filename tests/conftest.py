@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -46,3 +47,18 @@ def near_codes(codec: qj.Codec, n: int, seed: int = 1, noise: float = 0.05) -> n
 @pytest.fixture
 def tiny_codec():
     return random_codec()
+
+
+NO_MATPLOTLIB = "plots need matplotlib (pip install 'qinco-jax[plots]')"
+
+
+def need_matplotlib() -> None:
+    """Skip the calling test, with the reason, where matplotlib is not installed."""
+    pytest.importorskip("matplotlib", reason=NO_MATPLOTLIB)
+
+
+@pytest.fixture
+def without_matplotlib(monkeypatch):
+    """matplotlib unimportable for one test, as on an install without the plots extra."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)

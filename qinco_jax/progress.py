@@ -2,7 +2,8 @@
 
 On a terminal it is a one-line bar redrawn in place. When stdout or the stream is redirected (a log file,
 nohup, a SLURM log, a pipe) it prints plain lines instead, at a bounded rate: one each time another 10% is
-done or 30 s have passed, whichever comes first, and one at the end; logs hold no carriage returns.
+done or 30 s have passed, whichever comes first, and one at the end; loops shorter than 10 s print none,
+and logs hold no carriage returns.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 
 LINE_FRACTION = 0.1  # plain lines: one per 10% done ...
 LINE_SECONDS = 30.0  # ... or per 30 s
+QUIET_SECONDS = 10.0  # loops done sooner print no plain line (a training epoch's bar would flood the log)
 
 
 class Progress:
@@ -33,6 +35,7 @@ class Progress:
         self.initial = self.done = int(initial)
         self.info = ""
         self.t0 = self.last = time.perf_counter()
+        self.lines = 0
         self.next_frac = (int(self._frac() / LINE_FRACTION) + 1) * LINE_FRACTION
 
     def __enter__(self):
@@ -49,8 +52,8 @@ class Progress:
         if self.enabled and (now - self.last >= self.min_interval or self.done >= self.total):
             self.last = now
             self._draw(now)
-        elif self.plain and self.done < self.total and (self._frac() >= self.next_frac
-                                                         or now - self.last >= LINE_SECONDS):
+        elif (self.plain and self.done < self.total and now - self.t0 >= QUIET_SECONDS
+              and (self._frac() >= self.next_frac or now - self.last >= LINE_SECONDS)):
             self.last = now
             self.next_frac = (int(self._frac() / LINE_FRACTION) + 1) * LINE_FRACTION
             self._line(now)
@@ -71,6 +74,7 @@ class Progress:
         self.stream.flush()
 
     def _line(self, now: float) -> None:
+        self.lines += 1
         elapsed, rate, eta = self._rate_eta(now)
         eta_s = f", {eta:.0f}s left" if self.done < self.total else ""
         self.stream.write(f"{self.desc}: {100 * self._frac():.0f}% ({self.done:,}/{self.total:,}) {rate:,.0f}/s, "
@@ -82,7 +86,7 @@ class Progress:
             self._draw(time.perf_counter())
             self.stream.write("\n")
             self.stream.flush()
-        elif self.plain and exc[0] is None and self.done > self.initial:
+        elif self.plain and exc[0] is None and self.lines:
             self._line(time.perf_counter())
         return False
 

@@ -9,7 +9,9 @@ files in resumable parts (a killed build, run again with the same arguments, con
 part; under --distributed every process encodes its slice), fits additive tables to the training codes by least
 squares, and writes a faiss index holding the database's QINCo codes (IVF codecs: IndexIVFResidualQuantizer
 over the codec's IVF centroids; plain codecs: IndexResidualQuantizer, a flat additive scan). --pairwise N also
-fits a pairwise additive decoder of N tables.
+fits a pairwise additive decoder of N tables. The folder carries a copy of the codec (codec/) and records the
+sha256 of index.faiss and paths relative to itself; search checks all of it (README, "Security and failure
+model") and reads files outside the folder only when given as flags (--model, --db, --train).
 
 search: for every nprobe x nshort x pairwise factor, the additive shortlist of nshort (x factor) candidates, the
 pairwise stage (factor > 1), the QINCo decode of the nshort survivors and the exact L2 re-rank; it reports QPS,

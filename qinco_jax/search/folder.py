@@ -101,7 +101,7 @@ def read_index_meta(index_dir) -> dict:
     path = os.path.join(os.fspath(index_dir), INDEX_META)
     if not os.path.lexists(path):
         state = ""
-        if os.path.exists(os.path.join(os.fspath(index_dir), DB_CODES)):
+        if any(os.path.exists(os.path.join(os.fspath(index_dir), sub)) for sub in (DB_CODES, "train_codes")):
             state = (" but it holds database codes: the build was interrupted before the index was written; run "
                      "the same `eval/search.py build` command again to resume it")
         raise QincoInputError(f"{index_dir} is not a search index folder (no {INDEX_META}{state}; build one with "

@@ -24,7 +24,7 @@ HEADER = ("method", "epochs", "training s/epoch", "MSE (base)", "R@1", "R@10", "
 
 def run_record(label: str, workdir: str, name: str) -> dict:
     """A run's curve (epochs, validation MSEs with val_mse_init as epoch 0), timing and evaluation row."""
-    from train.loop import read_metrics
+    from train.report import read_metrics
 
     rows = read_metrics(workdir, log=lambda *a: None)
     if not rows:

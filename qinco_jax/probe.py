@@ -35,8 +35,7 @@ def _probe_codes(cfg, seed: int = 0) -> np.ndarray:
 def refuse_overflow(codec, where: str) -> None:
     """CheckpointError (naming `where` and the tensor) when the codec's decode of its own codewords is not
     finite in float32; also for a scale outside float32's range. PQ codecs are probed per sub-codec."""
-    import qinco_jax as qj
-    from qinco_jax.codec import Codec
+    from qinco_jax.codec import Codec, decode
 
     if not isinstance(codec, Codec):
         for i, sub in enumerate(getattr(codec, "codecs", ())):
@@ -50,7 +49,7 @@ def refuse_overflow(codec, where: str) -> None:
     codes = _probe_codes(cfg)
     unit = Codec(cfg, codec.params, 1.0)  # the model's own (normalised) domain
     with np.errstate(over="ignore", invalid="ignore"):
-        xs = qj.decode(unit, codes)
+        xs = decode(unit, codes)
         raw = xs * np.float32(scale) + (0 if codec.shift is None else codec.shift)
     if np.isfinite(raw).all() and np.abs(raw).max() < F32_BIG:
         return
@@ -61,7 +60,7 @@ def refuse_overflow(codec, where: str) -> None:
     names = list(codec.params)
     for m in range(1, codes.shape[1] + 1):
         with np.errstate(over="ignore", invalid="ignore"):
-            part = qj.decode(unit, codes[:, :m])
+            part = decode(unit, codes[:, :m])
         if not (np.isfinite(part).all() and np.abs(part).max() < F32_BIG):
             name = names[min(m, len(names)) - 1]
             path, big = _largest(codec.params[name], name)

@@ -17,6 +17,19 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = qj.QincoConfig(d=16, K=16, M=3, L=2, h=24)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "devices(n): needs n JAX devices (8 fake CPU devices unless XLA_FLAGS is set)")
+
+
+def pytest_runtest_setup(item):
+    """Skip tests marked devices(n) in a process with fewer devices: the fake CPU devices come from
+    XLA_FLAGS, and an XLA_FLAGS set before the tests started (without the device count) is kept."""
+    for mark in item.iter_markers("devices"):
+        if jax.device_count() < mark.args[0]:
+            pytest.skip(f"needs {mark.args[0]} JAX devices, this process has {jax.device_count()} "
+                        f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; add --xla_force_host_platform_device_count=8)")
+
+
 def shared_file(name: str) -> pathlib.Path:
     """A file of ../shared/data, or skip the test when it is absent (users' machines)."""
     path = SHARED_DATA / name

@@ -13,6 +13,7 @@ from qinco_jax.files import read_bounded_json, write_json
 from qinco_jax.search.common import fingerprint, nlist_of, require_flat, require_ivf
 from qinco_jax.search.pairwise import PairwiseDecoder
 from qinco_jax.search.pipeline import Pipeline
+from qinco_jax.search.scan import SCAN_LISTS, load_lists
 from qinco_jax.search.store import open_codes
 
 INDEX_FORMAT = "qinco_jax.search_index/1"
@@ -82,4 +83,7 @@ def load_pipeline(index_dir, codec) -> Pipeline:
     tables = np.load(os.path.join(index_dir, TABLES))
     pw = os.path.join(index_dir, PAIRWISE)
     pairwise = PairwiseDecoder.load(pw) if os.path.exists(pw) else None
-    return Pipeline(codec, index, tables, db_codes, pairwise)
+    sl = os.path.join(index_dir, SCAN_LISTS)  # folders built before the scan lists: derived at first search
+    lists = (load_lists(sl, n=db_codes.shape[0], M=tables.shape[0], K=tables.shape[1], nlist=max(meta["nlist"], 1))
+             if os.path.exists(sl) else None)
+    return Pipeline(codec, index, tables, db_codes, pairwise, lists)

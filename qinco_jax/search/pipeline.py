@@ -34,7 +34,8 @@ class Pipeline:
 
     For a flat codec the shortlist's codes are read from `db_codes` (the (n, M) code matrix, e.g. a memmap);
     for an IVF codec they come back from faiss with the shortlist. `lists` are the CSR lists of the jitted
-    scan (derived from db_codes and the tables when not given).
+    scan (derived from db_codes and the tables when not given). `coarse` (e.g. an HNSW index over the same
+    centroids, in the same order) replaces the index's own coarse quantizer in the jitted scan's coarse search.
     """
 
     codec: object
@@ -43,6 +44,7 @@ class Pipeline:
     db_codes: np.ndarray | None = None
     pairwise: object | None = None
     lists: ScanLists | None = None
+    coarse: object | None = None  # a faiss index over the IVF centroids for the jitted scan's coarse search
 
     @property
     def ivf(self) -> bool:
@@ -153,7 +155,7 @@ def _coarse(p: Pipeline, xq: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.nd
     """(list ids, per-list scalar) (nq, nprobe): the coarse search's ||q - c||^2 (IVF), ||q||^2 in one list
     (flat)."""
     if p.ivf:
-        D, I = p.index.quantizer.search(xq, nprobe)
+        D, I = (p.index.quantizer if p.coarse is None else p.coarse).search(xq, nprobe)
         return I, D
     return np.zeros((xq.shape[0], 1), np.int64), np.einsum("nd,nd->n", xq, xq)[:, None]
 
@@ -191,7 +193,7 @@ def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1,
       nprobe: inverted lists visited (IVF: 1 .. nlist; flat: ignored, but must be >= 1).
       pairwise_factor: with a pairwise decoder, the additive stage returns pairwise_factor * nshort candidates,
         which the pairwise decoder narrows to nshort (1: no pairwise stage).
-      ef_search: efSearch of an HNSW coarse quantizer.
+      ef_search: efSearch of an HNSW coarse quantizer (the index's or p.coarse).
       batch_size: queries per batch (default: at most 512, and as many as keep nshort * batch decoded vectors
         within RERANK_BUDGET).
       scan: "jax", the jitted scan with one look-up table per query (scan.py), or "faiss", faiss's own scanner
@@ -212,9 +214,10 @@ def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1,
         if nprobe > p.nlist:
             raise QincoInputError(f"nprobe={nprobe} is larger than the index's number of lists nlist={p.nlist}")
         p.index.nprobe = nprobe
-        q = faiss.downcast_index(p.index.quantizer)
-        if ef_search is not None and hasattr(q, "hnsw"):
-            q.hnsw.efSearch = int(ef_search)
+        for q in (p.index.quantizer, p.coarse):
+            q = None if q is None else faiss.downcast_index(q)
+            if ef_search is not None and hasattr(q, "hnsw"):
+                q.hnsw.efSearch = int(ef_search)
     nfirst = nshort * pairwise_factor
     bs = batch_size or max(1, min(MAX_BATCH, RERANK_BUDGET // nfirst))
     bs = checks.batch_size(bs, "batch_size")

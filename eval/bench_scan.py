@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--M", type=int, default=8)
     ap.add_argument("--nprobe", default="1,4,16,64")
     ap.add_argument("--nshort", type=int, default=100)
-    ap.add_argument("--qb", default=str(SC.QB), help="queries per jitted sub-batch (comma-separated: each timed)")
+    ap.add_argument("--qb", default="0", help="queries per jitted sub-batch, comma-separated, each timed (0: the "
+                    "scan's default, 64, or 32 above 1,024 codes per query)")
     ap.add_argument("--term", default="float32", choices=SC.TERMS)
     ap.add_argument("--no-rq", dest="rq", action="store_false", help="leave faiss's IVF-RQ scanner out")
     ap.add_argument("--reps", type=int, default=3)
@@ -81,10 +82,10 @@ def main(argv=None) -> dict:
     codes = np.concatenate([lists[:, None], ivfpq.pq.compute_codes(xb - cent[lists]).astype(np.int64)], 1)
     T = pq_tables(ivfpq.pq, d)
     scanner = SC.Scanner(SC.build_lists(codes, T, cent, term=args.term), T, True)
-    methods = {"IVF-PQ8 (faiss)": None}
+    methods = {"IVF-PQ8 (faiss)": "pq"}
     qbs = [int(v) for v in args.qb.split(",")]
     for qb in qbs:
-        methods[f"scan qb={qb}"] = qb
+        methods[f"scan qb={qb or 'auto'}"] = qb or None
     if args.rq:
         rq = S.new_index(T, cent, norm="float")
         S.add_codes(rq, T, codes)
@@ -99,13 +100,13 @@ def main(argv=None) -> dict:
         scanned = int(np.asarray(scanner.counts_np)[quantizer.search(xq, nprobe)[1]].sum())
         I = {}
         for name, how in methods.items():  # warm-up (compiles every bucket this nprobe uses)
-            I[name] = (ivfpq.search(xq, k)[1] if how is None else rq.search(xq, k)[1] if how == "rq"
+            I[name] = (ivfpq.search(xq, k)[1] if how == "pq" else rq.search(xq, k)[1] if how == "rq"
                        else run_scan(scanner, quantizer, xq, nprobe, k, how, np.empty((nq, k), np.int64)))
         times = {name: [] for name in methods}
         for _ in range(args.reps):
             for name, how in methods.items():
                 t = time.perf_counter()
-                if how is None:
+                if how == "pq":
                     ivfpq.search(xq, k)
                 elif how == "rq":
                     rq.search(xq, k)

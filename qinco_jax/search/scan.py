@@ -33,7 +33,8 @@ from qinco_jax.search.tables import additive_decode
 SCAN_LISTS = "scan_lists.npz"
 SCAN_FORMAT = 1
 TERMS = ("float32", "uint8")
-QB = 64  # queries per jitted sub-batch
+QB = 64  # queries per jitted sub-batch; half as many when they scan more than LONG codes each (measured faster:
+LONG = 1024  # eval/bench_scan.py, README)
 MAX_K = 65536
 
 
@@ -252,7 +253,7 @@ class Scanner:
             step = np.ones(Dq.shape, np.float32)
         return Iq32, np.asarray(Dq, np.float32), np.asarray(step, np.float32), self.counts_np[Iq32]
 
-    def scan(self, xq: np.ndarray, Iq: np.ndarray, Dq: np.ndarray, nshort: int, qb: int = QB) -> list:
+    def scan(self, xq: np.ndarray, Iq: np.ndarray, Dq: np.ndarray, nshort: int, qb: int | None = None) -> list:
         """Dispatch the scan of the queries xq (nq, d) with their coarse results Iq, Dq (nq, nprobe).
 
         Returns the sub-batches [(rows, n, (dist, ids, codes))], not waited for: rows (qb,) the query rows of
@@ -262,6 +263,7 @@ class Scanner:
         Iq32, Dq, step, counts = self.coarse_inputs(Iq, Dq)
         tot = counts.sum(1)
         order = np.argsort(tot, kind="stable")
+        qb = qb or (QB if tot.size == 0 or tot.mean() <= LONG else QB // 2)
         out = []
         for s in range(0, len(order), qb):
             sel = order[s:s + qb]

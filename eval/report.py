@@ -46,15 +46,22 @@ def _is_number(value) -> bool:
     return value is None or (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool))
 
 
-def plot_rate_distortion(curves: dict, path, title: str = "") -> None:
-    """PNG of MSE (log scale) against bytes per vector; curves = {name: (bytes_list, mse_list)}, None MSEs skipped."""
+def figure(figsize: tuple[float, float]):
+    """A matplotlib Figure drawn by the Agg canvas (no display needed); RuntimeError when matplotlib is missing,
+    which the CLIs report as "no plot" and carry on."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'qinco-jax[plots]' (or pip install matplotlib)") from None
-    fig = Figure(figsize=(6.4, 4.8))
+    fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_rate_distortion(curves: dict, path, title: str = "") -> None:
+    """PNG of MSE (log scale) against bytes per vector; curves = {name: (bytes_list, mse_list)}, None MSEs skipped."""
+    fig = figure((6.4, 4.8))
     ax = fig.add_subplot()
     markers = "osD^v<>ph*"
     for i, (name, (nbytes, mses)) in enumerate(curves.items()):
@@ -85,13 +92,7 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def plot_qps_recall(curves: dict, path, ks=(1, 10), title: str = "") -> None:
     """PNG with one panel per k: QPS (log scale) against R@k, the Pareto front of each method as a line and
     every measured setting as a faint dot; curves = {method: [row dicts with 'qps' and 'r{k}']}."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install 'qinco-jax[plots]' (or pip install matplotlib)") from None
-    fig = Figure(figsize=(6.0 * len(ks), 4.8))
-    FigureCanvasAgg(fig)
+    fig = figure((6.0 * len(ks), 4.8))
     markers = "osD^v<>ph*"
     for j, k in enumerate(ks):
         ax = fig.add_subplot(1, len(ks), j + 1)

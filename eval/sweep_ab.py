@@ -67,11 +67,9 @@ def sweep(codec, x: np.ndarray, settings, progress: bool = True) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str, title: str = "") -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from eval.report import figure
 
-    fig = Figure(figsize=(6.4, 4.8))
-    FigureCanvasAgg(fig)
+    fig = figure((6.4, 4.8))
     ax = fig.add_subplot()
     ax.plot([r["vps"] for r in rows], [r["mse"] for r in rows], "o")
     for r in rows:
@@ -126,7 +124,11 @@ def main(argv=None) -> int:
     if args.out:
         write_json(args.out, res)
     if args.plot:
-        plot(rows, args.plot, f"{os.path.basename(os.path.normpath(args.model))}: search settings ({len(x)} vectors)")
+        try:
+            name = os.path.basename(os.path.normpath(args.model))
+            plot(rows, args.plot, f"{name}: search settings ({len(x)} vectors)")
+        except RuntimeError as e:
+            print(f"no plot: {e}", file=sys.stderr)
     return 0
 
 

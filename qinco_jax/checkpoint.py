@@ -368,7 +368,7 @@ def load(path) -> Codec:
     with open_regular(path, limits_mod.DEFAULT.max_file_bytes) as f:  # FIFOs and devices are never read
         head = f.read(4)
     if head.startswith(b"PK") or path.endswith((".pt", ".pth")):
-        from qinco_jax.torch_format import load_pt_codec
+        from qinco_jax.ptload import load_pt_codec
 
         return load_pt_codec(path)
     raise CheckpointError(f"{path} is not a qinco_jax codec directory nor a PyTorch QINCo checkpoint")

@@ -254,6 +254,7 @@ def test_real_sift_vectors_match_faiss():
     assert rel < 1e-5
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("n, batch", [(1000, 96), (5, None), (37, 8), (2048, None)])
 def test_eight_devices_give_the_single_device_codes(tiny_codec, n, batch):
     devs = jax.local_devices()

@@ -11,7 +11,7 @@ import qinco_jax as qj
 from eval import search as cli
 from qinco_jax import data
 
-from conftest import as_rq
+from conftest import as_rq, need_matplotlib
 from qinco_jax import search as S
 
 D, NB, NQ = 16, 800, 40
@@ -46,11 +46,44 @@ def _search(files, index, *extra):
     return json.loads(out.read_text())
 
 
-def test_build_and_sweep(files, built):
+@pytest.fixture(scope="module")
+def swept(files, built):
+    return _search(files, built, "--nshort", f"10,{NB}", "--pairwise-factor", "1,3", "--baselines", "--ceiling")
+
+
+def check_sweep_values(rows: list[dict]) -> None:
+    """Every recall is a share in [0, 1]; the stage times of a setting fit in its total time; at a fixed nprobe a
+    longer shortlist finds the true neighbour at least as often (its first k are the shorter one's)."""
+    for r in rows:
+        assert all(r.get(f"r{k}{s}") is None or 0 <= r[f"r{k}{s}"] <= 1 for k in cli.KS for s in ("", "_short")), r
+        if "t_decode_ms" in r:  # a QINCo setting: total time per query = 1000 / qps ms
+            stages = r["t_short_ms"] + r["t_pair_ms"] + r["t_decode_ms"] + r["t_rerank_ms"]
+            assert 0 < stages <= 1e3 / r["qps"] * (1 + 1e-9), r
+            assert (r["t_pair_ms"] > 0) == (r["pf"] > 1), r  # the pairwise stage runs (and is timed) only for pf > 1
+        elif "t_short_ms" in r:  # a shortlist alone or a faiss baseline: the one stage is the whole time
+            assert r["qps"] * r["t_short_ms"] == pytest.approx(1e3), r
+    short = [r for r in rows if r["method"].endswith("shortlist (no re-rank)")]
+    assert short
+    for nprobe in {r["nprobe"] for r in short}:
+        mine = sorted((r for r in short if r["nprobe"] == nprobe), key=lambda r: r["nshort"])
+        assert len(mine) > 1
+        for a, b in zip(mine, mine[1:]):
+            for k in cli.KS:
+                assert a[f"r{k}"] is None or b[f"r{k}"] >= a[f"r{k}"], (k, a, b)
+            # the share of queries whose neighbour is in the shortlist at all (up to the largest reported k)
+            deepest = [next(r[f"r{k}"] for k in reversed(cli.KS) if r[f"r{k}"] is not None) for r in (a, b)]
+            assert deepest[1] >= deepest[0], (a, b)
+    # the shortlist without the QINCo stage is faster than the same shortlist with it
+    for r in rows:
+        if r["method"] in ("QINCo", "IVF-QINCo"):
+            alone = next(s for s in short if (s["nprobe"], s["nshort"]) == (r["nprobe"], r["nshort"]))
+            assert alone["qps"] > r["qps"]
+
+
+def test_build_and_sweep(built, swept):
     meta = S.read_index_meta(built)
     assert meta["ntotal"] == NB and meta["pairwise"] and meta["nt"] == 2000
-    res = _search(files, built, "--nshort", f"10,{NB}", "--pairwise-factor", "1,3", "--baselines", "--ceiling")
-    rows = res["rows"]
+    rows = swept["rows"]
     methods = {r["method"] for r in rows}
     assert {"QINCo", "QINCo shortlist (no re-rank)", "QINCo +pairwise", "PQ4x4", "RQ4x4_Nqint8", "PQ4x4fs",
             "QINCo decoded, exact search (ceiling)"} <= methods
@@ -60,9 +93,22 @@ def test_build_and_sweep(files, built):
     assert (full["r1"], full["r10"], full["r100"]) == (ceiling["r1"], ceiling["r10"], ceiling["r100"])
     short = next(r for r in rows if r["method"] == "QINCo" and r["nshort"] == 10)
     assert short["r100"] is None and short["r10"] is not None  # R@100 needs 100 candidates
-    for r in rows:
-        assert r.get("qps", 1) > 0 and all(r.get(f"r{k}") is None or 0 <= r[f"r{k}"] <= 1 for k in (1, 10, 100))
-    assert Path(res["plot"]).stat().st_size > 0
+    check_sweep_values(rows)
+
+
+def test_sweep_plot(files, swept):
+    need_matplotlib()
+    assert swept["plot"] == str(files["root"] / "res.png") and Path(swept["plot"]).stat().st_size > 1000
+
+
+def test_sweep_without_matplotlib(files, built, without_matplotlib, capsys):
+    """Without matplotlib the sweep still writes its results, and says there is no plot."""
+    out = files["root"] / "nompl.json"
+    cli.main(["search", "--index", str(built), "--queries", str(files["queries"]), "--gt", str(files["gt"]),
+              "--nshort", "10", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert "plot" not in res and not out.with_suffix(".png").exists() and [r["nshort"] for r in res["rows"]] == [10, 10]
+    assert "no plot: plotting needs matplotlib" in capsys.readouterr().err
 
 
 def test_search_bad_input(files, built, tmp_path):

@@ -209,6 +209,7 @@ def _run_step(codec, x, devices, steps=2, lr=1e-3):
     return training.unreplicate(state), float(loss[0])
 
 
+@pytest.mark.devices(8)
 def test_train_step_eight_devices_equal_one_and_centroids_stay_frozen():
     assert jax.local_device_count() == 8
     codec = random_codec(IVF, scale=2.0)

@@ -84,6 +84,7 @@ def _stats_step(codec, x, devices):
     return training.unreplicate(state), jax.device_get(jax.tree.map(lambda a: a[0], stats))
 
 
+@pytest.mark.devices(8)
 def test_usage_is_counted_over_all_devices():
     assert jax.local_device_count() == 8
     codec = _codec(1)

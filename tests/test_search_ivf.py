@@ -13,6 +13,7 @@ from qinco_jax import data
 from qinco_jax import search as S
 from qinco_jax.checks import QincoInputError
 from qinco_jax.search.pipeline import _shortlist
+from test_eval_search import check_sweep_values
 
 CFG = qj.QincoConfig(d=16, K=16, M=3, L=1, h=16, nlist=8)
 FLAT = qj.QincoConfig(d=16, K=16, M=3, L=1, h=16)
@@ -130,5 +131,6 @@ def test_ivf_cli_build_and_sweep(ivf_setup, tmp_path):
     assert {"IVF-QINCo", "IVF-QINCo shortlist (no re-rank)", "IVF8,RQ3x4_Nqint8"} <= methods
     assert "divide d=16" in next(r for r in rows if r["method"] == "IVF8,PQ3x4")["note"]  # 3 does not divide 16
     assert {r["nprobe"] for r in rows if r["method"] == "IVF-QINCo"} == {1, 8}
+    check_sweep_values(rows)  # recalls in [0, 1]; at each nprobe, the shortlist's recall does not fall with nshort
     with pytest.raises(SystemExit, match="nprobe 16 is larger than the index's number of lists nlist=8"):
         cli.main(["search", "--index", str(tmp_path / "idx"), "--queries", str(files["q"]), "--nprobe", "16"])

@@ -15,14 +15,10 @@ import pytest
 from qinco_jax import codec as qcodec
 from qinco_jax.model import QincoConfig
 import reference
-from qinco_jax.torch_format import (
-    CheckpointError,
-    ModuleRecord,
-    RestrictedUnpickler,
-    convert,
-    load_pt,
-    read_objects,
-)
+from qinco_jax.checks import CheckpointError
+from qinco_jax.ptload import load_pt
+from qinco_jax.ptload.v1 import convert
+from qinco_jax.unpickler import ModuleRecord, RestrictedUnpickler, read_objects
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = [

@@ -20,6 +20,7 @@ def _run_step(codec, x, w, devices, lr=1e-3, steps=1):
     return training.unreplicate(state), float(loss[0])
 
 
+@pytest.mark.devices(8)
 def test_eight_devices_equal_one_device():
     assert jax.local_device_count() == 8
     codec = random_codec(scale=2.0)

@@ -181,6 +181,7 @@ def main(argv=None) -> None:
     cfg = config_from_args(argv)
     from qinco_jax import QincoInputError
     from train import loop, pq
+    from train.epochs import TrainingError
 
     if cfg.opq and not cfg.pq:
         fail("--opq needs --pq NSUB")
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
         fail("--pq and --ivf cannot be combined (PQ-QINCo sub-quantizers are plain QINCo)")
     try:
         pq.run(cfg) if cfg.pq else loop.run(cfg)
-    except (QincoInputError, FileExistsError, FileNotFoundError, ValueError, loop.TrainingError) as e:
+    except (QincoInputError, FileExistsError, FileNotFoundError, ValueError, TrainingError) as e:
         fail(str(e))
 
 

@@ -322,7 +322,7 @@ def search_cmd(args) -> dict:
         indexes, notes = baseline_indexes(names, S.ivf_centroids(codec), cfg.M, nbits, xt, xb)
         settings += search_timing.baseline_settings(indexes, args.nprobe if p.ivf else [None], xq, gt, recall_cols)
     log(f"timing {len(settings)} settings, {args.reps} times each, interleaved")
-    rows = search_timing.time_interleaved(settings, xq.shape[0], args.reps, log) + extra + notes
+    rows = search_timing.time_interleaved(settings + extra, xq.shape[0], args.reps, log) + notes
     if args.ceiling:
         rows.append(ceiling_row(codec, p.db_codes, xq, gt))
         log(f"ceiling: R@1 {rows[-1]['r1']:.3f}, R@10 {rows[-1]['r10']:.3f}")

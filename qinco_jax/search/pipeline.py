@@ -181,7 +181,7 @@ def _narrow(p: Pipeline, q: np.ndarray, ids, codes, nshort: int):
 
 def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1, pairwise_factor: int = 1,
            ef_search: int | None = None, batch_size: int | None = None, scan: str = "jax",
-           staged: bool = False) -> SearchResult:
+           staged: bool = False, rerank: bool = True) -> SearchResult:
     """Search the queries: coarse search, additive shortlist of nshort, optional pairwise stage, QINCo re-rank,
     top k.
 
@@ -199,6 +199,7 @@ def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1,
       scan: "jax", the jitted scan with one look-up table per query (scan.py), or "faiss", faiss's own scanner
         (IVF: a look-up table per probed list).
       staged: wait for each stage before the next, so that each is timed apart (no overlap; slower).
+      rerank: False for the shortlist alone (D, I are its first k, by additive distance).
     """
     xq = _check_queries(p, xq)
     k, nshort = checks.batch_size(k, "k"), checks.batch_size(nshort, "nshort")
@@ -235,7 +236,7 @@ def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1,
         for rows, n, ids_s, (D, I) in parts:
             r = b0 + rows[:n]
             I_short[r, :ids_s.shape[1]] = np.asarray(ids_s)[:n, :nshort]
-            D, I = np.asarray(D)[:n], np.asarray(I)[:n]
+            D, I = np.asarray(D)[:n, :k], np.asarray(I)[:n, :k]
             D_out[r, :D.shape[1]], I_out[r, :I.shape[1]] = D, I
 
     t_all = time.perf_counter()
@@ -257,9 +258,13 @@ def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1,
                      for rows, n, (_, ids, codes) in parts]
             times["pairwise"] += time.perf_counter() - t2
         t3 = time.perf_counter()
-        xhat = wait([rr.decode(codes) for _, _, (_, _, codes) in parts])
-        t4 = time.perf_counter()
-        ranked = wait([rr.rank(q[rows], x, ids, k) for (rows, _, (_, ids, _)), x in zip(parts, xhat)])
+        if rerank:
+            xhat = wait([rr.decode(codes) for _, _, (_, _, codes) in parts])
+            t4 = time.perf_counter()
+            ranked = wait([rr.rank(q[rows], x, ids, k) for (rows, _, (_, ids, _)), x in zip(parts, xhat)])
+        else:
+            t4 = t3
+            ranked = [(np.zeros(np.shape(ids)) if d is None else d, ids) for _, _, (d, ids, _) in parts]
         times["decode"] += t4 - t3
         times["rerank"] += time.perf_counter() - t4
         done = [(rows, n, ids, r) for (rows, n, (_, ids, _)), r in zip(parts, ranked)]

@@ -35,15 +35,17 @@ if __package__ in (None, ""):  # `python eval/search.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qinco_jax as qj  # noqa: E402
-from eval import baselines, metrics, report  # noqa: E402
+from eval import baselines, metrics, report, search_timing  # noqa: E402
 from qinco_jax import checks, data  # noqa: E402
 from qinco_jax import search as S  # noqa: E402
+from qinco_jax.search import scan as SC  # noqa: E402
+from qinco_jax.search.faiss_file import sha256_file  # noqa: E402
 from qinco_jax.checks import QincoInputError  # noqa: E402
 
 KS = (1, 10, 100)
 MODEL_COPY = "codec"  # the codec, saved inside the index folder
 COLUMNS = ("method", "nprobe", "nshort", "pf", "qps", "r1", "r10", "r100", "r1_short", "r10_short",
-           "t_short_ms", "t_pair_ms", "t_decode_ms", "t_rerank_ms")
+           "t_coarse_ms", "t_short_ms", "t_pair_ms", "t_decode_ms", "t_rerank_ms")
 COMPACT = ("method", "nprobe", "nshort", "pf", "qps", "r1", "r10", "r100")  # printed; every column goes to the JSON
 
 
@@ -78,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--norm", default="qint8", choices=S.NORMS, help="stored norm encoding (default: qint8, 1 byte)")
     b.add_argument("--hnsw", type=int, default=0, help="HNSW coarse quantizer with this many links (default: 0, a "
                    "flat coarse quantizer)")
+    b.add_argument("--term", default="float32", choices=SC.TERMS,
+                   help="the scan's per-vector term ||x^||^2 - ||c||^2: float32 or one byte per vector (per-list "
+                        "uniform grid) (default: float32)")
     b.add_argument("--pairwise", type=int, default=0,
                    help="fit a pairwise additive decoder of at most this many tables, refining the additive tables "
                    "(default: 0, none)")
@@ -105,6 +110,13 @@ def parser() -> argparse.ArgumentParser:
                    help="with a pairwise decoder: the additive stage keeps factor x nshort, comma-separated "
                    "(default: 1, no pairwise stage)")
     s.add_argument("--ef-search", type=int, help="efSearch of an HNSW coarse quantizer (default: faiss's, 16)")
+    s.add_argument("--scan", type=lambda v: [x for x in v.split(",") if x], default=["jax"],
+                   help="shortlist scanner(s), comma-separated: jax (one look-up table per query, jitted) and/or "
+                        "faiss (faiss's IVF additive scanner, a table per probed list) (default: jax)")
+    s.add_argument("--hnsw-coarse", type=int, default=0, metavar="LINKS",
+                   help="also search IVF-QINCo with an HNSW coarse quantizer of this many links over the centroids "
+                        "(default: 0, off)")
+    s.add_argument("--reps", type=int, default=3, help="timed runs of every setting, interleaved (default: 3)")
     s.add_argument("--baselines", nargs="?", const=",".join(baselines.SEARCH_BASELINES), metavar="LIST",
                    help=f"faiss baselines of the same size: {','.join(baselines.SEARCH_BASELINES)} or a subset "
                    "(default: none; the flag alone: all)")
@@ -115,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--db", help="raw database, for the baselines and when there is no --gt (default: none; "
                    "the build's path is only followed when it lies inside the index folder)")
     s.add_argument("--train", help="training vectors of the baselines (default: as for --db)")
-    s.add_argument("--threads", type=int, help="faiss OpenMP threads (default: faiss's, all cores)")
+    s.add_argument("--threads", type=int, help="faiss OpenMP threads (default: the machine's cores; recorded)")
     s.add_argument("--out", help="results JSON (default: INDEX/search.json)")
     s.add_argument("--name", help="dataset name for the plot's title (default: the queries file's name)")
     s.add_argument("--plot", help="QPS-recall PNG (default: the JSON path with .png)")
@@ -214,6 +226,8 @@ def build(args) -> dict:
             "pairwise_tables": args.pairwise, "pairwise_mse_train": mse_pairwise,
             "pairwise_tables_kept": 0 if pairwise is None else int(len(pairwise.pairs)),
             "mse_db_first": {"n": nh, **mse_db}}
+    SC.save_lists(out / SC.SCAN_LISTS, SC.build_lists(db, tables, centroids, term=args.term))
+    info.update(scan_term=args.term, scan_lists_sha256=sha256_file(out / SC.SCAN_LISTS))
     S.save_index(out, codec, index, tables, pairwise=pairwise, info=info)
     log(f"index: {index.ntotal:,} vectors, {index.code_size} bytes per code; additive MSE on the training set "
         f"{mse_train:.6g}" + (f", pairwise {mse_pairwise:.6g}" if pairwise is not None else "")
@@ -233,73 +247,38 @@ def recall_cols(I: np.ndarray, gt: np.ndarray, n_valid: int, suffix: str = "") -
     return {f"r{k}{suffix}": got.get(k) for k in KS}
 
 
-def warm_up(codec, p: S.Pipeline, xq: np.ndarray) -> None:
-    """Compile the decoder for every chunk size a search may use and touch the faiss index."""
-    ncol = S.num_codes(codec.config)
-    c = 1
-    while c <= 1024:
-        qj.decode(codec, np.zeros((c, ncol), np.int32))
-        c *= 2
-    S.search(p, xq[:2], k=1, nshort=1, nprobe=1)
-
-
-def qinco_rows(p: S.Pipeline, xq, gt, args) -> list[dict]:
-    rows, nq = [], xq.shape[0]
-    probes = args.nprobe if p.ivf else [1]
-    name = "IVF-QINCo" if p.ivf else "QINCo"
-    for nprobe in probes:
-        for nshort in args.nshort:
-            for pf in args.pairwise_factor:
-                if pf > 1 and p.pairwise is None:
-                    raise QincoInputError("--pairwise-factor > 1 needs an index built with --pairwise N")
-                r = S.search(p, xq, k=max(KS), nshort=nshort, nprobe=nprobe, pairwise_factor=pf,
-                             ef_search=args.ef_search)
-                t = r.times
-                row = {"method": name + (" +pairwise" if pf > 1 else ""), "nprobe": nprobe if p.ivf else None,
-                       "nshort": nshort, "pf": pf, "qps": nq / t["total"]}
-                row.update(recall_cols(r.I, gt, nshort))
-                row.update(recall_cols(r.I_short, gt, nshort, "_short"))
-                row.update({f"t_{k}_ms": t[v] * 1e3 / nq for k, v in
-                            (("short", "shortlist"), ("pair", "pairwise"), ("decode", "decode"),
-                             ("rerank", "rerank"))})
-                rows.append(row)
-                if pf == 1:  # the same shortlist without the QINCo stage
-                    short = {"method": name + " shortlist (no re-rank)", "nprobe": row["nprobe"], "nshort": nshort,
-                             "pf": 1, "qps": nq / t["shortlist"], "t_short_ms": row["t_short_ms"]}
-                    short.update({f"r{k}": row[f"r{k}_short"] for k in KS})
-                    rows.append(short)
-    return rows
-
-
-def baseline_rows(names, centroids, M, nbits, xt, xb, xq, gt, args) -> list[dict]:
+def qinco_settings(p: S.Pipeline, xq, gt, args) -> tuple[list, list]:
+    """The QINCo settings (flat coarse quantizer and, with --hnsw-coarse, HNSW) and the shortlist-alone rows."""
     import faiss
 
-    rows = []
-    probes = args.nprobe if centroids is not None else [None]
+    S.search(p, xq[:2], k=1, nshort=1, nprobe=1)  # touch the index and the jitted functions
+    name = "IVF-QINCo" if p.ivf else "QINCo"
+    settings, extra = search_timing.qinco_settings(p, xq, gt, args, recall_cols, name, log)
+    if args.hnsw_coarse and p.ivf:
+        hnsw = faiss.IndexHNSWFlat(p.codec.config.d, args.hnsw_coarse)
+        hnsw.add(S.ivf_centroids(p.codec))
+        ph = S.Pipeline(p.codec, p.index, p.tables, p.db_codes, p.pairwise, p.lists, coarse=hnsw)
+        a = argparse.Namespace(**{**vars(args), "scan": ["jax"]})
+        more = search_timing.qinco_settings(ph, xq, gt, a, recall_cols, f"{name} HNSW{args.hnsw_coarse}", log)
+        settings, extra = settings + more[0], extra + more[1]
+    return settings, extra
+
+
+def baseline_indexes(names, centroids, M, nbits, xt, xb) -> tuple[dict, list]:
+    """{label: trained and filled faiss index} and the rows of the baselines that cannot be built."""
+    indexes, notes = {}, []
     for name in names:
         label = baselines.search_baseline_name(name, 0 if centroids is None else centroids.shape[0], M, nbits)
         log(f"{label}: training on {xt.shape[0]:,} vectors, adding {xb.shape[0]:,}")
-        t0 = time.perf_counter()
         try:
             index = baselines.train_search_baseline(name, xt, M, nbits, centroids)
         except baselines.BaselineUnavailable as e:
             log(f"{label}: n/a ({e})")
-            rows.append({"method": label, "note": str(e)})
+            notes.append({"method": label, "note": str(e)})
             continue
         baselines.add_in_chunks(index, xb)
-        build_s = time.perf_counter() - t0
-        for nprobe in probes:
-            if nprobe is not None:
-                faiss.extract_index_ivf(index).nprobe = nprobe
-            index.search(xq[:8], max(KS))
-            t = time.perf_counter()
-            _, I = index.search(np.ascontiguousarray(xq, np.float32), max(KS))
-            dt = time.perf_counter() - t
-            row = {"method": label, "nprobe": nprobe, "qps": xq.shape[0] / dt, "build_s": build_s,
-                   "t_short_ms": dt * 1e3 / xq.shape[0]}
-            row.update(recall_cols(I, gt, max(KS)))
-            rows.append(row)
-    return rows
+        indexes[label] = index
+    return indexes, notes
 
 
 def ceiling_row(codec, db_codes, xq, gt) -> dict:
@@ -315,7 +294,7 @@ def ceiling_row(codec, db_codes, xq, gt) -> dict:
     return row
 
 
-QPS_LEVELS = (30, 100, 300, 1000, 3000, 10000)
+QPS_LEVELS = (100, 300, 1000, 3000, 10000, 30000)
 
 
 def best_at_qps(rows: list[dict], k: int = 1, levels=QPS_LEVELS) -> list[dict]:
@@ -358,9 +337,15 @@ def warn_zero_recall(rows: list[dict]) -> None:
 
 def search_cmd(args) -> dict:
     import faiss
+    import jax
 
-    if args.threads:
-        faiss.omp_set_num_threads(args.threads)
+    if args.reps < 1:
+        raise QincoInputError(f"--reps must be >= 1, got {args.reps}")
+    unknown = [v for v in args.scan if v not in S.SCANS]
+    if unknown or not args.scan:
+        raise QincoInputError(f"--scan: unknown scanner {unknown}; choose from {', '.join(S.SCANS)}")
+    threads = args.threads or os.cpu_count()
+    faiss.omp_set_num_threads(threads)
     meta = S.read_index_meta(args.index)
     model = args.model or S.folder_path(args.index, meta.get("model"), "model", "--model")
     if not args.model and not os.path.exists(model):
@@ -396,21 +381,29 @@ def search_cmd(args) -> dict:
         gt = metrics.exact_groundtruth(xq, xb, max(KS))
     else:
         gt = check_gt(data.read_groundtruth(args.gt), args.gt, p.index.ntotal, xq.shape[0])
-    warm_up(codec, p, xq)
-    rows = qinco_rows(p, xq, gt, args)
+    settings, extra = qinco_settings(p, xq, gt, args)
+    notes = []
     if names:
         xt = data.read_vectors(args.train or S.folder_path(args.index, meta.get("train"), "training vectors",
                                                             "--train"))
         xt = np.ascontiguousarray(xt[: min(args.nt_baselines, xt.shape[0])], np.float32)
         nbits = int(round(np.log2(cfg.K)))
-        rows += baseline_rows(names, S.ivf_centroids(codec), cfg.M, nbits, xt, xb, xq, gt, args)
+        indexes, notes = baseline_indexes(names, S.ivf_centroids(codec), cfg.M, nbits, xt, xb)
+        settings += search_timing.baseline_settings(indexes, args.nprobe if p.ivf else [None], xq, gt, recall_cols)
+    log(f"timing {len(settings)} settings, {args.reps} times each, interleaved")
+    rows = search_timing.time_interleaved(settings + extra, xq.shape[0], args.reps, log) + notes
     if args.ceiling:
         rows.append(ceiling_row(codec, p.db_codes, xq, gt))
         log(f"ceiling: R@1 {rows[-1]['r1']:.3f}, R@10 {rows[-1]['r10']:.3f}")
     res = {"index": os.path.abspath(args.index), "model": os.path.abspath(model), "config": cfg.to_dict(),
            "nq": int(xq.shape[0]), "ntotal": int(p.index.ntotal), "nlist": p.nlist,
            "code_bytes": meta.get("code_bytes"), "build": meta.get("times"), "rows": rows,
-           "faiss_threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count()}
+           "faiss_threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count(), "reps": args.reps,
+           "loadavg": os.getloadavg(), "jax_backend": jax.default_backend()}
+    res["decode_flops_per_candidate"] = p.reranker.flops_per_candidate()
+    res["matmul_gflops"] = search_timing.matmul_rate()
+    log(f"QINCo decode: {res['decode_flops_per_candidate'] or float('nan'):,.0f} FLOPs per candidate; "
+        f"in-run float32 matmul rate {res['matmul_gflops']:.1f} GFLOP/s on {jax.default_backend()}")
     out = Path(args.out) if args.out else Path(args.index) / "search.json"
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     warn_zero_recall(rows)

@@ -57,9 +57,9 @@ def check_sweep_values(rows: list[dict]) -> None:
     longer shortlist finds the true neighbour at least as often (its first k are the shorter one's)."""
     for r in rows:
         assert all(r.get(f"r{k}{s}") is None or 0 <= r[f"r{k}{s}"] <= 1 for k in cli.KS for s in ("", "_short")), r
-        if "t_decode_ms" in r:  # a QINCo setting: total time per query = 1000 / qps ms
-            stages = r["t_short_ms"] + r["t_pair_ms"] + r["t_decode_ms"] + r["t_rerank_ms"]
-            assert 0 < stages <= 1e3 / r["qps"] * (1 + 1e-9), r
+        if "t_decode_ms" in r:  # a QINCo setting: its stages are timed in a staged run (no overlap)
+            stages = r["t_coarse_ms"] + r["t_short_ms"] + r["t_pair_ms"] + r["t_decode_ms"] + r["t_rerank_ms"]
+            assert 0 < stages <= r["t_staged_ms"] * (1 + 1e-9), r
             assert (r["t_pair_ms"] > 0) == (r["pf"] > 1), r  # the pairwise stage runs (and is timed) only for pf > 1
         elif "t_short_ms" in r:  # a shortlist alone or a faiss baseline: the one stage is the whole time
             assert r["qps"] * r["t_short_ms"] == pytest.approx(1e3), r
@@ -74,11 +74,12 @@ def check_sweep_values(rows: list[dict]) -> None:
             # the share of queries whose neighbour is in the shortlist at all (up to the largest reported k)
             deepest = [next(r[f"r{k}"] for k in reversed(cli.KS) if r[f"r{k}"] is not None) for r in (a, b)]
             assert deepest[1] >= deepest[0], (a, b)
-    # the shortlist without the QINCo stage is faster than the same shortlist with it
+    # the shortlist-alone rows are the same shortlists as the re-ranked rows' (times are not asserted: speed is
+    # measured by the benchmarks, on tiny data a timing comparison is noise)
     for r in rows:
         if r["method"] in ("QINCo", "IVF-QINCo"):
             alone = next(s for s in short if (s["nprobe"], s["nshort"]) == (r["nprobe"], r["nshort"]))
-            assert alone["qps"] > r["qps"]
+            assert all(alone[f"r{k}"] == r[f"r{k}_short"] for k in cli.KS), (alone, r)
 
 
 def test_build_and_sweep(built, swept):

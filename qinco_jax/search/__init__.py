@@ -24,7 +24,9 @@ Modules, each importing only those before it:
   store     the resumable codes store (encode_database, codes_status, open_codes)
   index     the faiss index over QINCo codes (new_index, add_codes, faiss code layouts)
   pairwise  the pairwise additive decoder (PairwiseDecoder, train_pairwise, ivf_subcodes)
-  pipeline  Pipeline, search: shortlist, pairwise stage, QINCo re-rank
+  scan      the shortlist scan with one look-up table per query (CSR lists, jitted)
+  rerank    the jitted QINCo decode and exact re-rank
+  pipeline  Pipeline, search: coarse search, shortlist, pairwise stage, QINCo re-rank
   faiss_file  index.faiss as untrusted input: its records walked before faiss reads it, its codes checked
   folder    index folders (save_index, read_index_meta, load_pipeline, folder_path)
 This package only re-exports their public names.
@@ -36,7 +38,8 @@ from qinco_jax.search.folder import (DB_CODES, INDEX_FAISS, INDEX_FORMAT, INDEX_
                                      folder_path, load_pipeline, read_index_meta, relative_path, save_index)
 from qinco_jax.search.index import NORMS, add_codes, decode_listnos, new_index, pack_codes, unpack_codes
 from qinco_jax.search.pairwise import SHRINKS, PairwiseDecoder, ivf_subcodes, train_pairwise
-from qinco_jax.search.pipeline import RERANK_BUDGET, Pipeline, SearchResult, search
+from qinco_jax.search.pipeline import RERANK_BUDGET, SCANS, Pipeline, SearchResult, search
+from qinco_jax.search.scan import SCAN_LISTS, TERMS, Scanner, ScanLists, build_lists, load_lists, save_lists
 from qinco_jax.search.store import (CODES_FILE, CODES_FORMAT, DEFAULT_PART, MANIFEST, codes_status,
                                     encode_database, open_codes, process_slice)
 from qinco_jax.search.tables import (LSTSQ_CHUNK, additive_decode, additive_distances, additive_norms,
@@ -55,12 +58,18 @@ __all__ = [
     "NORMS",
     "PAIRWISE",
     "RERANK_BUDGET",
+    "SCANS",
+    "SCAN_LISTS",
     "SHRINKS",
     "TABLES",
+    "TERMS",
+    "ScanLists",
+    "Scanner",
     "PairwiseDecoder",
     "Pipeline",
     "SearchResult",
     "add_codes",
+    "build_lists",
     "additive_decode",
     "additive_distances",
     "additive_norms",
@@ -72,6 +81,7 @@ __all__ = [
     "folder_path",
     "ivf_centroids",
     "ivf_subcodes",
+    "load_lists",
     "load_pipeline",
     "lstsq_tables",
     "new_index",
@@ -85,6 +95,7 @@ __all__ = [
     "require_flat",
     "require_ivf",
     "save_index",
+    "save_lists",
     "search",
     "sum_rows_by_label",
     "targets",

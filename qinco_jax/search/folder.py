@@ -24,6 +24,7 @@ from qinco_jax.search.common import fingerprint, ivf_centroids, nlist_of, requir
 from qinco_jax.search.index import NORMS
 from qinco_jax.search.pairwise import PairwiseDecoder
 from qinco_jax.search.pipeline import Pipeline
+from qinco_jax.search.scan import SCAN_LISTS, TERMS, check_lists, load_lists
 from qinco_jax.search.store import open_codes
 
 INDEX_FORMAT = "qinco_jax.search_index/1"
@@ -48,6 +49,7 @@ META_SCHEMA = {
     "pairwise_mse_train": Field((FLOAT, NONE), required=False),
     "pairwise_tables_kept": Field((INT,), 0, 1 << 16, required=False),
     "mse_db_first": Field((DICT,), required=False),
+    "scan_term": Field((STR,), choices=TERMS, required=False), "scan_lists_sha256": Field((STR,), max_len=64, required=False),
 }
 
 
@@ -197,4 +199,10 @@ def load_pipeline(index_dir, codec) -> Pipeline:
     pairwise = None
     if meta["pairwise"]:
         pairwise = PairwiseDecoder.load(folder_path(index_dir, PAIRWISE, "pairwise decoder"), codec)
-    return Pipeline(codec, index, tables, db_codes, pairwise)
+    lists = None  # folders built before the scan lists (no scan_lists_sha256): derived at the first search
+    if meta.get("scan_lists_sha256"):
+        path = folder_path(index_dir, SCAN_LISTS, "scan lists")
+        lists = load_lists(path, n=db_codes.shape[0], M=tables.shape[0], K=tables.shape[1],
+                           nlist=max(meta["nlist"], 1), sha256=meta["scan_lists_sha256"])
+        check_lists(lists, db_codes, tables, ivf_centroids(codec), path)
+    return Pipeline(codec, index, tables, db_codes, pairwise, lists)

@@ -1,5 +1,10 @@
-"""The search pipeline: the additive shortlist from the faiss index (with the candidates' codes), an optional
-pairwise stage that narrows it, and the QINCo decode and exact L2 re-rank of the survivors."""
+"""The search pipeline: the coarse search (faiss), the additive shortlist (the jitted scan with one look-up
+table per query, or faiss's IVF additive scanner), an optional pairwise stage that narrows it, and the QINCo
+decode and exact L2 re-rank of the survivors (jitted, on JAX's default device).
+
+Queries run in batches: the scan, decode and re-rank of a batch are dispatched without waiting (JAX runs them
+asynchronously), so the coarse search and the shortlist of batch b + 1 overlap the decode of batch b; the
+results of batch b are fetched once batch b + 1 is dispatched."""
 
 from __future__ import annotations
 
@@ -7,16 +12,20 @@ import dataclasses
 import math
 import time
 
+import jax
 import numpy as np
 
-import qinco_jax as qj
 from qinco_jax import checks
 from qinco_jax.checks import QincoInputError
 from qinco_jax.search.common import nlist_of, require_flat, require_ivf
 from qinco_jax.search.index import decode_listnos, unpack_codes
+from qinco_jax.search.rerank import Reranker
+from qinco_jax.search.scan import QB, Scanner, ScanLists, build_lists
 
 # decoded candidates held at once by the re-rank (vectors); bounds memory whatever nq x nshort
 RERANK_BUDGET = 131072
+SCANS = ("jax", "faiss")
+MAX_BATCH = 8 * QB  # queries per batch by default: small batches give the stages more to overlap
 
 
 @dataclasses.dataclass
@@ -24,7 +33,9 @@ class Pipeline:
     """What a search needs: the codec (for the re-rank), the faiss index over its codes and the tables.
 
     For a flat codec the shortlist's codes are read from `db_codes` (the (n, M) code matrix, e.g. a memmap);
-    for an IVF codec they come back from faiss with the shortlist.
+    for an IVF codec they come back from faiss with the shortlist. `lists` are the CSR lists of the jitted
+    scan (derived from db_codes and the tables when not given). `coarse` (e.g. an HNSW index over the same
+    centroids, in the same order) replaces the index's own coarse quantizer in the jitted scan's coarse search.
     """
 
     codec: object
@@ -32,6 +43,8 @@ class Pipeline:
     tables: np.ndarray
     db_codes: np.ndarray | None = None
     pairwise: object | None = None
+    lists: ScanLists | None = None
+    coarse: object | None = None  # a faiss index over the IVF centroids for the jitted scan's coarse search
 
     @property
     def ivf(self) -> bool:
@@ -55,12 +68,39 @@ class Pipeline:
         if (M, K, d) != (cfg.M, cfg.K, cfg.d):
             raise QincoInputError(f"tables {self.tables.shape} do not match the codec (M={cfg.M}, K={cfg.K}, "
                                   f"d={cfg.d})")
+        if self.lists is not None and (self.lists.nlist != max(self.nlist, 1) or self.lists.K != K
+                                       or self.lists.codes.shape[1] != M
+                                       or self.lists.codes.shape[0] != self.index.ntotal):
+            raise QincoInputError(f"the scan lists ({self.lists.nlist} lists, {self.lists.codes.shape} codes of "
+                                  f"K={self.lists.K}) do not match the index ({max(self.nlist, 1)} lists, "
+                                  f"{self.index.ntotal} vectors, M={M}, K={K})")
+        self._scanner = self._reranker = None
+
+    @property
+    def scanner(self) -> Scanner:
+        """The jitted scan over the lists (built on first use; the lists derived from db_codes if not given)."""
+        if self._scanner is None:
+            if self.lists is None:
+                if self.db_codes is None:
+                    raise QincoInputError("the jitted scan needs the database codes (db_codes) or scan lists")
+                cent = np.asarray(self.codec.ivf_centroids, np.float32) if self.ivf else None
+                self.lists = build_lists(self.db_codes, self.tables, cent)
+            self._scanner = Scanner(self.lists, self.tables, self.ivf)
+        return self._scanner
+
+    @property
+    def reranker(self) -> Reranker:
+        if self._reranker is None:
+            self._reranker = Reranker(self.codec)
+        return self._reranker
 
 
 @dataclasses.dataclass
 class SearchResult:
     """Top-k after the re-rank (D, I), the additive shortlist before it (I_short, in shortlist order) and the
-    seconds spent in each stage (shortlist, pairwise, decode, rerank, total)."""
+    seconds spent in each stage (coarse, shortlist, pairwise, decode, rerank; None for the stages not timed
+    apart: without `staged`, only the coarse search and the pairwise stage, which run on the host) and in all
+    (total)."""
 
     D: np.ndarray
     I: np.ndarray
@@ -110,65 +150,132 @@ def _top(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return D, I
 
 
+
+def _coarse(p: Pipeline, xq: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """(list ids, per-list scalar) (nq, nprobe): the coarse search's ||q - c||^2 (IVF), ||q||^2 in one list
+    (flat)."""
+    if p.ivf:
+        D, I = (p.index.quantizer if p.coarse is None else p.coarse).search(xq, nprobe)
+        return I, D
+    return np.zeros((xq.shape[0], 1), np.int64), np.einsum("nd,nd->n", xq, xq)[:, None]
+
+
+def _faiss_parts(p: Pipeline, xq: np.ndarray, n: int) -> list:
+    """faiss's shortlist as the scan's sub-batches [(rows, n, (None, ids, codes))] (host arrays)."""
+    I, codes = _shortlist(p, xq, n)
+    out = []
+    for s in range(0, xq.shape[0], QB):
+        sel = np.arange(s, min(s + QB, xq.shape[0]))
+        rows = np.concatenate([sel, np.repeat(sel[-1:], QB - len(sel))])
+        out.append((rows, len(sel), (None, I[rows], codes[rows])))
+    return out
+
+
+def _narrow(p: Pipeline, q: np.ndarray, ids, codes, nshort: int):
+    """The pairwise stage: the nshort of the shortlist nearest by the pairwise decoder (host)."""
+    ids, codes = np.asarray(ids), np.asarray(codes)
+    xp = p.pairwise.decode(codes.reshape(-1, codes.shape[-1])).reshape(codes.shape[:2] + (-1,))
+    order = np.argsort(np.where(ids < 0, np.inf, _l2(q, xp)), axis=1, kind="stable")[:, :nshort]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(codes, order[..., None], 1)
+
+
 def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1, pairwise_factor: int = 1,
-           ef_search: int | None = None, batch_size: int | None = None) -> SearchResult:
-    """Search the queries: additive shortlist of nshort, optional pairwise stage, QINCo re-rank, top k.
+           ef_search: int | None = None, batch_size: int | None = None, scan: str = "jax",
+           staged: bool = False, rerank: bool = True) -> SearchResult:
+    """Search the queries: coarse search, additive shortlist of nshort, optional pairwise stage, QINCo re-rank,
+    top k.
 
     Args:
       p: the pipeline.
       xq: (nq, d) queries in raw units.
       k: results per query after the re-rank.
       nshort: candidates that QINCo decodes and re-ranks per query.
-      nprobe: inverted lists visited (IVF only; at most nlist).
+      nprobe: inverted lists visited (IVF: 1 .. nlist; flat: ignored, but must be >= 1).
       pairwise_factor: with a pairwise decoder, the additive stage returns pairwise_factor * nshort candidates,
         which the pairwise decoder narrows to nshort (1: no pairwise stage).
-      ef_search: efSearch of an HNSW coarse quantizer.
-      batch_size: queries per batch (default: as many as keep nshort * batch decoded vectors within
-        RERANK_BUDGET).
+      ef_search: efSearch of an HNSW coarse quantizer (the index's or p.coarse).
+      batch_size: queries per batch (default: at most 512, and as many as keep nshort * batch decoded vectors
+        within RERANK_BUDGET).
+      scan: "jax", the jitted scan with one look-up table per query (scan.py), or "faiss", faiss's own scanner
+        (IVF: a look-up table per probed list).
+      staged: wait for each stage before the next, so that each is timed apart (no overlap; slower).
+      rerank: False for the shortlist alone (D, I are its first k, by additive distance).
     """
-    import faiss
-
     xq = _check_queries(p, xq)
     k, nshort = checks.batch_size(k, "k"), checks.batch_size(nshort, "nshort")
+    nprobe = checks.batch_size(nprobe, "nprobe")
     pairwise_factor = checks.batch_size(pairwise_factor, "pairwise_factor")
+    if scan not in SCANS:
+        raise QincoInputError(f"unknown scan {scan!r}; choose from {', '.join(SCANS)}")
     if pairwise_factor > 1 and p.pairwise is None:
         raise QincoInputError("pairwise_factor > 1 needs a pipeline with a pairwise decoder")
     if p.ivf:
-        nprobe = checks.batch_size(nprobe, "nprobe")
+        import faiss
+
         if nprobe > p.nlist:
             raise QincoInputError(f"nprobe={nprobe} is larger than the index's number of lists nlist={p.nlist}")
         p.index.nprobe = nprobe
-        q = faiss.downcast_index(p.index.quantizer)
-        if ef_search is not None and hasattr(q, "hnsw"):
-            q.hnsw.efSearch = int(ef_search)
+        for q in (p.index.quantizer, p.coarse):
+            q = None if q is None else faiss.downcast_index(q)
+            if ef_search is not None and hasattr(q, "hnsw"):
+                q.hnsw.efSearch = int(ef_search)
     nfirst = nshort * pairwise_factor
-    bs = batch_size or max(1, RERANK_BUDGET // nfirst)
+    bs = batch_size or max(1, min(MAX_BATCH, RERANK_BUDGET // nfirst))
+    bs = checks.batch_size(bs, "batch_size")
+    rr = p.reranker
+    scanner = p.scanner if scan == "jax" else None
     nq = xq.shape[0]
-    D_out = np.empty((nq, k), np.float32)
-    I_out = np.empty((nq, k), np.int64)
-    I_short = np.empty((nq, nshort), np.int64)
-    times = dict(shortlist=0.0, pairwise=0.0, decode=0.0, rerank=0.0)
+    D_out = np.full((nq, k), np.inf, np.float32)
+    I_out = np.full((nq, k), -1, np.int64)
+    I_short = np.full((nq, nshort), -1, np.int64)
+    times = dict(coarse=0.0, shortlist=0.0, pairwise=0.0, decode=0.0, rerank=0.0)
+    wait = jax.block_until_ready if staged else (lambda a: a)
+    pending: list = []
+
+    def collect(b0, parts):
+        for rows, n, ids_s, (D, I) in parts:
+            r = b0 + rows[:n]
+            I_short[r, :ids_s.shape[1]] = np.asarray(ids_s)[:n, :nshort]
+            D, I = np.asarray(D)[:n, :k], np.asarray(I)[:n, :k]
+            D_out[r, :D.shape[1]], I_out[r, :I.shape[1]] = D, I
+
     t_all = time.perf_counter()
     for b0 in range(0, nq, bs):
         q = xq[b0:b0 + bs]
         t0 = time.perf_counter()
-        I, codes = _shortlist(p, q, nfirst)
-        t1 = time.perf_counter()
-        times["shortlist"] += t1 - t0
-        if pairwise_factor > 1:
-            xp = p.pairwise.decode(codes.reshape(-1, codes.shape[-1])).reshape(codes.shape[:2] + (-1,))
-            dp = np.where(I < 0, np.inf, _l2(q, xp))
-            order = np.argsort(dp, axis=1, kind="stable")[:, :nshort]
-            I, codes = np.take_along_axis(I, order, 1), np.take_along_axis(codes, order[..., None], 1)
-            times["pairwise"] += time.perf_counter() - t1
-        I_short[b0:b0 + len(q)] = _top(np.zeros(I.shape), I, nshort)[1] if I.shape[1] < nshort else I[:, :nshort]
+        if scanner is not None:
+            Iq, Dq = _coarse(p, q, nprobe)
+            t1 = time.perf_counter()
+            times["coarse"] += t1 - t0
+            parts = wait(scanner.scan(q, Iq, Dq, nfirst))
+        else:
+            t1 = t0
+            parts = _faiss_parts(p, q, nfirst)
         t2 = time.perf_counter()
-        flat = codes.reshape(-1, codes.shape[-1])
-        xhat = qj.decode(p.codec, flat).reshape(codes.shape[:2] + (-1,))
+        times["shortlist"] += t2 - t1
+        if pairwise_factor > 1:
+            parts = [(rows, n, (None,) + _narrow(p, q[rows], ids, codes, nshort))
+                     for rows, n, (_, ids, codes) in parts]
+            times["pairwise"] += time.perf_counter() - t2
         t3 = time.perf_counter()
-        D, I = _top(_l2(q, xhat), I, k)
-        D_out[b0:b0 + len(q)], I_out[b0:b0 + len(q)] = D, I
-        times["decode"] += t3 - t2
-        times["rerank"] += time.perf_counter() - t3
+        if rerank:
+            xhat = wait([rr.decode(codes) for _, _, (_, _, codes) in parts])
+            t4 = time.perf_counter()
+            ranked = wait([rr.rank(q[rows], x, ids, k) for (rows, _, (_, ids, _)), x in zip(parts, xhat)])
+        else:
+            t4 = t3
+            ranked = [(np.zeros(np.shape(ids)) if d is None else d, ids) for _, _, (d, ids, _) in parts]
+        times["decode"] += t4 - t3
+        times["rerank"] += time.perf_counter() - t4
+        done = [(rows, n, ids, r) for (rows, n, (_, ids, _)), r in zip(parts, ranked)]
+        if pending:  # batch b is fetched once batch b + 1 is on its way
+            collect(*pending.pop())
+        pending.append((b0, done))
+    if pending:
+        collect(*pending.pop())
     times["total"] = time.perf_counter() - t_all
+    if not staged:
+        times.update(shortlist=None if scanner is not None else times["shortlist"], decode=None, rerank=None)
+        if pairwise_factor == 1:
+            times["pairwise"] = None
     return SearchResult(D_out, I_out, I_short, times)

@@ -84,8 +84,9 @@ def test_interrupted_codes_refused_then_resumed(files, tmp_path):
     args = ["build", "--model", str(files["root"] / "codec"), "--db", str(files["db"]), "--train",
             str(files["train"]), "--out", str(out), "--part-size", "300", "--no-progress"]
     cli.main(args)
-    progress = out / S.DB_CODES / "done.p0of1.json"
-    progress.write_text(json.dumps({"rows_done": 300, "lo": 0, "hi": NB}))  # as if killed after one part
+    marker = out / S.DB_CODES / "part.r0of1.json"
+    (out / S.DB_CODES / S.MANIFEST).unlink()  # as if killed after one part: no manifest, the marker at 300
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "rows_done": 300}))
     with pytest.raises(SystemExit, match="unfinished .*300 of 800.*resume"):
         cli.main(["search", "--index", str(out), "--queries", str(files["queries"])])
     cli.main(args)

@@ -180,7 +180,7 @@ def check_part(f, path: str, dtype: np.dtype, shape: tuple) -> int:
             f.seek(0)
             np.lib.format.read_magic(f)
             got = np.lib.format.read_array_header_1_0(f, max_header_size=MAX_HEADER)
-            what = f"dtype {got[2]}, shape {short(got[0])}{', Fortran order' if got[1] else ''}"
+            what = f"dtype {got[2]}, shape {str(got[0])[:60]}{', Fortran order' if got[1] else ''}"
         except Exception:  # noqa: BLE001 - any unreadable header is described the same way
             what = "no readable .npy header"
         raise QincoInputError(f"{path}: {what}; the build's settings say dtype {dtype}, shape {shape}")
@@ -190,9 +190,17 @@ def check_part(f, path: str, dtype: np.dtype, shape: tuple) -> int:
     return len(want)
 
 
+def open_part(path: str):
+    """A part file opened for reading (a FIFO cannot block the open; check_part then refuses it)."""
+    try:
+        return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except FileNotFoundError:
+        raise QincoInputError(f"{path} is missing") from None
+
+
 def map_part(path: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
     """A part file memory-mapped read-only, after check_part (mapped through the descriptor it checked)."""
-    with open(path, "rb") as f:
+    with open_part(path) as f:
         offset = check_part(f, path, dtype, shape)
         return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
 

@@ -20,7 +20,7 @@ from qinco_jax.checks import QincoInputError, short
 from qinco_jax.files import read_bounded_json, write_json
 from qinco_jax.progress import Progress
 from qinco_jax.search.codes import (CODES_FORMAT, MANIFEST, MAX_PROCESSES, PART_FORMAT, SETTINGS, check_part,
-                                    check_settings, describe, markers_in, npy_header, part_path,
+                                    check_settings, describe, markers_in, npy_header, open_part, part_path,
                                     part_shape, process_slice, read_marker, settings_of)
 from qinco_jax.search.codes import codes_status, open_codes  # noqa: F401 - the store's reader, also from here
 
@@ -167,7 +167,7 @@ def finish_codes(out_dir, *, process_count: int | None = None, wait_s: float = W
     for q in range(R):  # every part whole before the manifest says so
         for what in ("steps.npy", "lists.npy") if settings["nlist"] else ("steps.npy",):
             p = part_path(out_dir, q, R, what)
-            with open(p, "rb") as f:
+            with open_part(p) as f:
                 check_part(f, p, *part_shape(settings, q, what))
     write_json(os.path.join(out_dir, MANIFEST), {"format": CODES_FORMAT, **settings})
     return out_dir

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qinco_jax as qj
-from qinco_jax import codec as codec_mod
-from qinco_jax import faiss_ops
+from qinco_jax import faiss_ops, model, runtime
 
 
 def best_of(fn, repeats: int) -> float:
@@ -40,7 +39,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
 
 def random_codec(cfg: qj.QincoConfig, seed: int = 0) -> qj.Codec:
     """Random weights, codebooks scaled like data (so encoding does real work)."""
-    params = codec_mod.init_params(cfg, jax.random.key(seed))
+    params = model.init_params(cfg, jax.random.key(seed))
     return qj.Codec(cfg, jax.device_get(params), 1.0)
 
 
@@ -81,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args(argv)
     cfg = qj.QincoConfig(d=a.d, K=a.K, M=a.M, L=a.L, h=a.h)
-    chunks = [256, 1024, 4096] if a.sweep else [codec_mod.default_chunk()]
+    chunks = [256, 1024, 4096] if a.sweep else [runtime.default_chunk()]
     res = run(cfg, a.n, a.repeats, chunks)
     print(f"config {cfg}, n={a.n}")
     print(f"machine matmul (XLA, 2048^3 float32): {res['matmul_gflops']:.1f} GFLOP/s")

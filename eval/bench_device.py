@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qinco_jax as qj  # noqa: E402
-from qinco_jax import codec as codec_mod  # noqa: E402
+from qinco_jax import runtime  # noqa: E402
 from eval.bench_codec import best_of, random_codec  # noqa: E402
 from eval.bench_train import steps_per_second  # noqa: E402
 from qinco_jax import training  # noqa: E402
@@ -50,18 +50,18 @@ def matmul_tflops(precision: str, n: int = 8192) -> float:
 
 def set_sub_elems(sub_elems: int) -> None:
     """Inner sub-batch size of the jitted encoder (and train step); clears the compiled functions."""
-    codec_mod.SUB_ELEMS = sub_elems
-    codec_mod._encode_fn.cache_clear()
+    runtime.SUB_ELEMS = sub_elems
+    runtime._encode_fn.cache_clear()
     training.train_step.cache_clear()
 
 
 def time_encode(codec, x, chunk: int, precision: str, repeats: int):
-    codec_mod.set_matmul_precision(precision)
+    runtime.set_matmul_precision(precision)
     try:
         codes = qj.encode(codec, x, batch_size=chunk)  # compile + warm-up
         t = best_of(lambda: qj.encode(codec, x, batch_size=chunk), repeats)
     finally:
-        codec_mod.set_matmul_precision("highest")
+        runtime.set_matmul_precision("highest")
     return codes, t
 
 

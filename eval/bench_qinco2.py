@@ -14,14 +14,14 @@ import jax
 import numpy as np
 
 import qinco_jax as qj
-from qinco_jax import codec as codec_mod
+from qinco_jax import model, runtime
 from train.config import architecture
 
 from eval.bench_codec import best_of, matmul_gflops
 
 
 def _codec(cfg: qj.QincoConfig, seed: int = 0) -> qj.Codec:
-    params = jax.device_get(codec_mod.init_params(cfg, jax.random.key(seed)))
+    params = jax.device_get(model.init_params(cfg, jax.random.key(seed)))
     rng = np.random.default_rng(seed)  # non-zero QINCo2 blocks, so every part of the step does work
     params = jax.tree.map(lambda a: a + rng.normal(scale=0.05, size=a.shape).astype(np.float32), params)
     return qj.Codec(cfg, params, 1.0)
@@ -30,7 +30,7 @@ def _codec(cfg: qj.QincoConfig, seed: int = 0) -> qj.Codec:
 def time_encode(codec: qj.Codec, x: np.ndarray, repeats: int, batch_size: int | None, **search) -> dict:
     qj.encode(codec, x[: 2 * (batch_size or 1024)], batch_size=batch_size, **search)  # compile
     t = best_of(lambda: qj.encode(codec, x, batch_size=batch_size, **search), repeats)
-    A, B = codec_mod.search_policy(codec.config, search.get("beam"), search.get("candidates"))
+    A, B = runtime.search_policy(codec.config, search.get("beam"), search.get("candidates"))
     flops = codec.config.encode_flops_per_vector(A, B)
     return {"A": A, "B": B, "vps": len(x) / t, "us_per_vector": 1e6 * t / len(x), "gflops": flops * len(x) / t / 1e9}
 

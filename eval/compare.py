@@ -24,7 +24,7 @@ HEADER = ("method", "epochs", "training s/epoch", "MSE (base)", "R@1", "R@10", "
 
 def run_record(label: str, workdir: str, name: str) -> dict:
     """A run's curve (epochs, validation MSEs with val_mse_init as epoch 0), timing and evaluation row."""
-    from train.loop import read_metrics
+    from train.report import read_metrics
 
     rows = read_metrics(workdir, log=lambda *a: None)
     if not rows:
@@ -62,11 +62,9 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(records: list[dict], path: str, title: str) -> None:
     """Two panels: every epoch on a log scale, and epochs 1.. on a linear scale (where the curves part)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from eval.report import figure
 
-    fig = Figure(figsize=(11, 4.5))
-    FigureCanvasAgg(fig)
+    fig = figure((11, 4.5))
     for j, first in enumerate((0, 1)):
         ax = fig.add_subplot(1, 2, j + 1)
         for i, rec in enumerate(records):
@@ -110,7 +108,10 @@ def main(argv=None) -> int:
 
         write_json(args.out, {"name": args.name, "table": rows, "runs": records})
     if args.plot:
-        plot(records, args.plot, f"{args.name}: validation MSE per epoch")
+        try:
+            plot(records, args.plot, f"{args.name}: validation MSE per epoch")
+        except RuntimeError as e:
+            print(f"no plot: {e}", file=sys.stderr)
     return 0
 
 

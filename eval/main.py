@@ -30,8 +30,7 @@ if __package__ in (None, ""):  # `python eval/main.py` from a checkout
 
 import qinco_jax as qj  # noqa: E402
 from eval import baselines, metrics, report  # noqa: E402
-from qinco_jax import codec as codec_mod  # noqa: E402
-from qinco_jax import checks, data  # noqa: E402
+from qinco_jax import checks, data, runtime  # noqa: E402
 from qinco_jax.checks import QincoInputError  # noqa: E402
 from qinco_jax.progress import Progress  # noqa: E402
 
@@ -153,7 +152,7 @@ def decoded_chunks(codec: qj.Codec, codes: np.ndarray, chunk: int = DECODE_CHUNK
 
 def encode_db(codec: qj.Codec, xb, progress: bool) -> tuple[np.ndarray, float]:
     """Codes of the database (streamed in chunks) and the seconds it took, after a warm-up chunk."""
-    qj.encode(codec, xb[: min(xb.shape[0], codec_mod.default_chunk())])
+    qj.encode(codec, xb[: min(xb.shape[0], runtime.default_chunk())])
     t0 = time.perf_counter()
     codes, _ = qj.encode_with_error(codec, xb, progress=progress)
     return codes, time.perf_counter() - t0
@@ -207,7 +206,7 @@ def evaluate_qinco(codec: qj.Codec, ds: data.Dataset, gt, args) -> tuple[dict, l
     n, d = ds.xb.shape
     log(f"encoding {n:,} database vectors")
     codes, enc_s = encode_db(codec, ds.xb, args.progress)
-    next(decoded_chunks(codec, codes[: codec_mod.default_chunk()]))  # warm-up: compilation is not timed
+    next(decoded_chunks(codec, codes[: runtime.default_chunk()]))  # warm-up: compilation is not timed
     timer = [0.0]
     chunks = progressed(decoded_chunks(codec, codes, timer=timer), n, args.progress, "decode and search")
     ks = [k for k in KS if k <= n]

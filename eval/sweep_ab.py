@@ -46,16 +46,16 @@ def parse_settings(text: str, K: int) -> list[tuple[int, int]]:
 def sweep(codec, x: np.ndarray, settings, progress: bool = True) -> list[dict]:
     """One row per (A, B): MSE (raw units), vectors/s, µs/vector and network evaluations per step."""
     import qinco_jax as qj
-    from qinco_jax import codec as codec_mod
+    from qinco_jax import runtime
 
     cfg = codec.config
     rows = []
     for A, B in settings:
-        codec_mod.search_policy(cfg, B, A)  # a clear error before any work
-        chunk = codec_mod._encode_chunk(cfg, None, len(x), A, B)
+        runtime.search_policy(cfg, B, A)  # a clear error before any work
+        chunk = runtime._encode_chunk(cfg, None, len(x), A, B)
         qj.encode(codec, x[:chunk], beam=B, candidates=A)  # compile this search's function
         t0 = time.perf_counter()
-        codes, err = codec_mod.encode_with_error(codec, x, beam=B, candidates=A, progress=progress)
+        codes, err = qj.encode_with_error(codec, x, beam=B, candidates=A, progress=progress)
         dt = time.perf_counter() - t0
         dec = np.asarray(qj.decode(codec, codes), np.float64)
         mse_dec = float(((dec - np.asarray(x, np.float64)) ** 2).sum(1).mean())
@@ -67,11 +67,9 @@ def sweep(codec, x: np.ndarray, settings, progress: bool = True) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str, title: str = "") -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from eval.report import figure
 
-    fig = Figure(figsize=(6.4, 4.8))
-    FigureCanvasAgg(fig)
+    fig = figure((6.4, 4.8))
     ax = fig.add_subplot()
     ax.plot([r["vps"] for r in rows], [r["mse"] for r in rows], "o")
     for r in rows:
@@ -126,7 +124,11 @@ def main(argv=None) -> int:
     if args.out:
         write_json(args.out, res)
     if args.plot:
-        plot(rows, args.plot, f"{os.path.basename(os.path.normpath(args.model))}: search settings ({len(x)} vectors)")
+        try:
+            name = os.path.basename(os.path.normpath(args.model))
+            plot(rows, args.plot, f"{name}: search settings ({len(x)} vectors)")
+        except RuntimeError as e:
+            print(f"no plot: {e}", file=sys.stderr)
     return 0
 
 

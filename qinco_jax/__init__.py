@@ -10,8 +10,10 @@ Public API:
 
 from qinco_jax.checks import QincoInputError
 from qinco_jax.checkpoint import CheckpointError, load, save
-from qinco_jax.codec import Codec, Norm, decode, encode, encode_with_error, init_codec
-from qinco_jax.model import QincoConfig
+from qinco_jax.api import decode, encode, encode_with_error
+from qinco_jax.codec import Codec, Norm
+from qinco_jax.config import QincoConfig
+from qinco_jax.initialise import init_codec
 from qinco_jax.pq import PQCodec
 
 __all__ = [

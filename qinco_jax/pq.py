@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
-from qinco_jax import checks
+from qinco_jax import checks, runtime
 from qinco_jax.codec import Codec
 from qinco_jax.progress import Progress
 
@@ -97,8 +97,6 @@ def _rotated(codec: PQCodec, block: np.ndarray) -> np.ndarray:
 
 def encode_with_error(codec: PQCodec, x, *, batch_size=None, progress=False, devices=None):
     """(codes (n, sum M) , per-vector squared error in raw units) of a PQ codec, chunk by chunk."""
-    from qinco_jax import codec as codec_mod
-
     x = checks.vectors(x, codec.d)
     n = x.shape[0]
     codes = np.empty((n, codec.M), codec.code_dtype)
@@ -109,7 +107,7 @@ def encode_with_error(codec: PQCodec, x, *, batch_size=None, progress=False, dev
             checks.finite_chunk(block, i)
             y = _rotated(codec, block)
             for sub, (a, b), (ca, cb) in zip(codec.codecs, codec.blocks(), codec.code_columns()):
-                c, e = codec_mod.encode_with_error(sub, y[:, a:b], batch_size=batch_size, devices=devices)
+                c, e = runtime.encode_with_error(sub, y[:, a:b], batch_size=batch_size, devices=devices)
                 codes[i : i + len(block), ca:cb] = c
                 err[i : i + len(block)] += e
             if codec.rotation is not None:  # the error of the un-rotated reconstruction (exact for any matrix)
@@ -121,8 +119,6 @@ def encode_with_error(codec: PQCodec, x, *, batch_size=None, progress=False, dev
 
 def decode(codec: PQCodec, codes, *, batch_size=None, progress=False, devices=None) -> np.ndarray:
     """(n, d) float32 reconstructions from (n, sum M) codes."""
-    from qinco_jax import codec as codec_mod
-
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] != codec.M:
         raise checks.QincoInputError(
@@ -133,7 +129,7 @@ def decode(codec: PQCodec, codes, *, batch_size=None, progress=False, devices=No
         for i in range(0, n, CHUNK):
             y = np.empty((min(CHUNK, n - i), codec.d_out), np.float32)
             for sub, (a, b), (ca, cb) in zip(codec.codecs, codec.blocks(), codec.code_columns()):
-                y[:, a:b] = codec_mod.decode(sub, codes[i : i + CHUNK, ca:cb], batch_size=batch_size, devices=devices)
+                y[:, a:b] = runtime.decode(sub, codes[i : i + CHUNK, ca:cb], batch_size=batch_size, devices=devices)
             out[i : i + len(y)] = y if codec.rotation is None else y @ codec.rotation
             bar.update(len(y))
     return out

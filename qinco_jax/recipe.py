@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qinco_jax.model import QincoConfig
+from qinco_jax.config import QincoConfig
 
 LR = 8e-4  # AdamW learning rate
 WEIGHT_DECAY = 0.1

@@ -17,11 +17,11 @@ import numpy as np
 import optax
 from flax import jax_utils
 
-from qinco_jax import codec as codec_mod
-from qinco_jax import recipe
-from qinco_jax.model import Qinco, QincoConfig
+from qinco_jax import recipe, runtime
+from qinco_jax.config import QincoConfig
+from qinco_jax.model import Qinco
 
-AXIS = codec_mod.AXIS
+AXIS = runtime.AXIS
 MIN_LR = 2e-6  # the original stops once the learning rate falls below this
 PLATEAU_PATIENCE = 10  # validations without a new best before the learning rate is divided by 10
 
@@ -99,14 +99,15 @@ def plateau() -> Plateau:
 
 def _slice(cfg: QincoConfig, b: int) -> int:
     """Largest divisor of b not above the codec's inner sub-batch (cache-sized candidate tensors)."""
-    sub = codec_mod._sub_batch(cfg, b)
+    sub = runtime._sub_batch(cfg, b)
     while b % sub:
         sub -= 1
     return sub
 
 
-def greedy_codes(cfg: QincoConfig, params, x_BD):
-    """Greedy codes of the current model, without gradient, in cache-sized slices.
+def search_codes(cfg: QincoConfig, params, x_BD):
+    """Codes of the current model from its own beam search (the config's A, B; greedy for A = 0, B = 1),
+    without gradient, in cache-sized slices: those of `qinco_jax.encode` at the same A, B.
 
     IVF: the list ids are assigned on the whole local batch first (the centroids are frozen, so this
     equals the original's precomputed assignment), then the steps run slice by slice.
@@ -126,17 +127,18 @@ def greedy_codes(cfg: QincoConfig, params, x_BD):
 def loss_terms(cfg: QincoConfig, params, x_BD, w_B):
     """(weighted sum of the per-vector errors summed over prefixes, sum of weights).
 
-    The original's forward pass: greedy codes (no gradient flows through the argmin), then the
-    differentiable re-decoding, with every prefix's squared error (IVF: the prefix-1 error, the IVF
-    error, is in the sum but carries no gradient). QINCo2: the codes come from the model's own beam
-    search (A, B of the config), and the pre-selection books add their RQ-style term (spec 3.1).
+    The original's forward pass: codes of the model's search (search_codes; no gradient flows through
+    the argmin), then the differentiable re-decoding, with every prefix's squared error (IVF: the
+    prefix-1 error, the IVF error, is in the sum but carries no gradient). QINCo2: the codes come from
+    the model's own beam search (A, B of the config), and the pre-selection books add their RQ-style
+    term (spec 3.1).
     """
     return loss_and_stats(cfg, params, x_BD, w_B)[:2]
 
 
 def loss_and_stats(cfg: QincoConfig, params, x_BD, w_B, stats: bool = False):
     """loss_terms and, with stats=True, the batch's code usage and residual-target sums (recipe.usage_stats)."""
-    codes = greedy_codes(cfg, params, x_BD)
+    codes = search_codes(cfg, params, x_BD)
     xhats = Qinco(cfg).apply({"params": params}, codes, method=Qinco.decode_prefixes)
     err_B = sum(jnp.sum(jnp.square(xh - x_BD), axis=-1) for xh in xhats)
     if cfg.preselect:
@@ -190,7 +192,7 @@ def init_state(params, cfg: QincoConfig | None = None) -> TrainState:
 def replicate(state: TrainState, devices: tuple | None = None) -> TrainState:
     """Copy a host state onto every local device (leading device axis), laid out as the pmap step's
     own outputs, so the step compiles once rather than once more for its second call."""
-    return codec_mod.stacked_replicate(state, codec_mod.local_devices(devices or None))
+    return runtime.stacked_replicate(state, runtime.local_devices(devices or None))
 
 
 def unreplicate(state: TrainState) -> TrainState:

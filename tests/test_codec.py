@@ -8,9 +8,9 @@ import jax
 import optax
 
 import qinco_jax as qj
-from qinco_jax import codec as codec_mod
-from qinco_jax import data, faiss_ops
-from qinco_jax import training
+from qinco_jax import data, faiss_ops, runtime, training
+from qinco_jax.initialise import with_codebooks
+from qinco_jax.model import init_params
 
 import reference
 from conftest import TINY, near_codes, random_codec
@@ -65,7 +65,7 @@ def test_zero_network_equals_faiss_greedy_rq():
     xt = (rng.normal(size=(3000, 16)) * np.linspace(3, 0.5, 16) + 2).astype(np.float32)
     cfg = qj.QincoConfig(d=16, K=16, M=4, L=0, h=16)
     rq = faiss_ops.train_rq(xt[:2000], cfg.M, cfg.K, beam_size=1)
-    params = codec_mod.with_codebooks(codec_mod.init_params(cfg, jax.random.key(0)), faiss_ops.rq_codebooks(rq))
+    params = with_codebooks(init_params(cfg, jax.random.key(0)), faiss_ops.rq_codebooks(rq))
     params = jax.tree.map(np.asarray, params)
     for m in range(1, cfg.M):
         params[f"step_{m}"]["concat"] = {k: np.zeros_like(v) for k, v in params[f"step_{m}"]["concat"].items()}
@@ -117,7 +117,7 @@ def test_streaming_compiles_once_and_matches_one_shot(tiny_codec, tmp_path):
     xm = np.load(path, mmap_mode="r")
     whole = qj.encode(tiny_codec, x, batch_size=1000)
     one = jax.local_devices()[:1]  # the compilation count of the jitted single-device path
-    fn = codec_mod._encode_fn(TINY, codec_mod._encode_chunk(TINY, 96, 1000), tuple(one))
+    fn = runtime._encode_fn(TINY, runtime._encode_chunk(TINY, 96, 1000), tuple(one))
     before = fn._cache_size()
     streamed = qj.encode(tiny_codec, xm, batch_size=96, devices=one)  # 10 full chunks + a padded one
     assert fn._cache_size() - before <= 1
@@ -132,12 +132,12 @@ def test_num_params_matches_the_original_counts():
     assert qj.QincoConfig(d=128, K=256, M=8, L=2, h=256).num_params() == 1_409_920
     assert qj.QincoConfig(d=768, K=256, M=8, L=12, h=256, lowrank=True).num_params() == 38_731_776
     for cfg in (TINY, qj.QincoConfig(d=12, K=16, M=3, L=1, h=10, lowrank=True)):
-        params = codec_mod.init_params(cfg, jax.random.key(0))
+        params = init_params(cfg, jax.random.key(0))
         assert sum(a.size for a in jax.tree.leaves(params)) == cfg.num_params()
 
 
 def test_torch_default_init_bounds():
-    params = codec_mod.init_params(qj.QincoConfig(d=32, K=16, M=2, L=1, h=64), jax.random.key(0))
+    params = init_params(qj.QincoConfig(d=32, K=16, M=2, L=1, h=64), jax.random.key(0))
     s = params["step_1"]
     assert np.abs(s["concat"]["kernel"]).max() <= 1 / np.sqrt(64) + 1e-7
     assert np.abs(s["concat"]["bias"]).max() <= 1 / np.sqrt(64) + 1e-7
@@ -222,7 +222,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="K must be <= 65536"):
         qj.QincoConfig(d=8, K=70000)
     with pytest.raises(ValueError, match="shape"):
-        qj.Codec(TINY, codec_mod.init_params(qj.QincoConfig(d=8, K=16, M=3, L=2, h=24), jax.random.key(0)), 1.0)
+        qj.Codec(TINY, init_params(qj.QincoConfig(d=8, K=16, M=3, L=2, h=24), jax.random.key(0)), 1.0)
     with pytest.raises(ValueError, match="scale"):
         random_codec(scale=float("nan"))
 
@@ -231,7 +231,7 @@ def test_small_inputs_of_many_sizes_share_compilations(tiny_codec):
     x = near_codes(tiny_codec, 64)
     sizes = range(33, 64)  # all round up to one 64-vector chunk
     one = jax.local_devices()[:1]
-    fns = {codec_mod._encode_fn(TINY, codec_mod._encode_chunk(TINY, None, n), tuple(one)) for n in sizes}
+    fns = {runtime._encode_fn(TINY, runtime._encode_chunk(TINY, None, n), tuple(one)) for n in sizes}
     assert len(fns) == 1
     fn = fns.pop()
     before = fn._cache_size()
@@ -239,7 +239,7 @@ def test_small_inputs_of_many_sizes_share_compilations(tiny_codec):
         np.testing.assert_array_equal(qj.encode(tiny_codec, x[:n], devices=one), qj.encode(tiny_codec, x)[:n])
     assert fn._cache_size() - before <= 1
     # over 8 devices the same sizes share one per-device chunk (8 vectors) too
-    assert len({codec_mod._encode_chunk(TINY, None, -(-n // 8)) for n in sizes}) == 1
+    assert len({runtime._encode_chunk(TINY, None, -(-n // 8)) for n in sizes}) == 1
 
 
 def test_real_sift_vectors_match_faiss():
@@ -254,6 +254,7 @@ def test_real_sift_vectors_match_faiss():
     assert rel < 1e-5
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("n, batch", [(1000, 96), (5, None), (37, 8), (2048, None)])
 def test_eight_devices_give_the_single_device_codes(tiny_codec, n, batch):
     devs = jax.local_devices()
@@ -267,10 +268,10 @@ def test_eight_devices_give_the_single_device_codes(tiny_codec, n, batch):
         np.testing.assert_allclose(qj.decode(tiny_codec, codes1[:, :m], batch_size=batch),
                                    qj.decode(tiny_codec, codes1[:, :m], batch_size=batch, devices=devs[:1]), atol=1e-5)
     # the default ran as one pmap over the 8 devices (its function was built and cached)
-    chunk = codec_mod._encode_chunk(TINY, batch, -(-n // 8))
-    hits = codec_mod._encode_fn.cache_info().hits
-    assert not hasattr(codec_mod._encode_fn(TINY, chunk, tuple(devs)), "_cache_size")  # a pmap, not a jit
-    assert codec_mod._encode_fn.cache_info().hits == hits + 1
+    chunk = runtime._encode_chunk(TINY, batch, -(-n // 8))
+    hits = runtime._encode_fn.cache_info().hits
+    assert not hasattr(runtime._encode_fn(TINY, chunk, tuple(devs)), "_cache_size")  # a pmap, not a jit
+    assert runtime._encode_fn.cache_info().hits == hits + 1
 
 
 def test_multi_device_encode_reports_bad_rows_and_streams_memmaps(tiny_codec, tmp_path):
@@ -287,13 +288,13 @@ def test_multi_device_encode_reports_bad_rows_and_streams_memmaps(tiny_codec, tm
 def test_matmul_precision_is_float32_unless_set(tiny_codec):
     x = near_codes(tiny_codec, 64)
     ref = qj.encode(tiny_codec, x)
-    assert codec_mod.MATMUL_PRECISION == "highest"
+    assert runtime.MATMUL_PRECISION == "highest"
     try:
-        codec_mod.set_matmul_precision("bfloat16")
+        runtime.set_matmul_precision("bfloat16")
         codes = qj.encode(tiny_codec, x)  # compiled anew at that precision
         assert codes.shape == ref.shape and (codes < TINY.K).all()
     finally:
-        codec_mod.set_matmul_precision("highest")
+        runtime.set_matmul_precision("highest")
     np.testing.assert_array_equal(qj.encode(tiny_codec, x), ref)
     with pytest.raises(qj.QincoInputError, match="precision"):
-        codec_mod.set_matmul_precision("fp8")
+        runtime.set_matmul_precision("fp8")

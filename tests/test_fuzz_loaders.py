@@ -25,8 +25,10 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import checkpoint, limits, unpickler
-from qinco_jax.torch_format import load_pt, read_objects
+from qinco_jax import checkpoint, limits
+from qinco_jax.ptload import load_pt
+from qinco_jax.unpickler import read_objects
+from qinco_jax.unpickler import records as stand_ins
 
 from conftest import random_codec
 
@@ -291,7 +293,7 @@ def test_fifo_is_refused_without_hanging(tmp_path):
 
 def test_refused_pickle_cannot_change_the_loader(tmp_path):
     before = read_objects(TINY)
-    defaults = unpickler._rebuild_tensor_v2.__defaults__
+    defaults = stand_ins.rebuild_tensor_v2.__defaults__
     attacks = [
         # BUILD on a stand-in function, with a slot state rewriting its defaults
         op_global("torch._utils", "_rebuild_tensor_v2") + op_tuple(b"N", op_dict({"__defaults__": op_tuple(b"N")}))
@@ -307,7 +309,7 @@ def test_refused_pickle_cannot_change_the_loader(tmp_path):
     ]
     for i, attack in enumerate(attacks):
         within_budget(read_objects, write_pt(tmp_path / f"a{i}.pt", PROTO + attack + STOP), match="refused|not a dict")
-    assert unpickler._rebuild_tensor_v2.__defaults__ == defaults
+    assert stand_ins.rebuild_tensor_v2.__defaults__ == defaults
     after = read_objects(TINY)
     assert type(after) is not type(before) and type(after).torch_class == type(before).torch_class
     cfg, params, scale = load_pt(TINY)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import codec as codec_mod
-from qinco_jax import faiss_ops, training
-from qinco_jax.model import Qinco, nearest, nearest_blocked
+from qinco_jax import faiss_ops, runtime, training
+from qinco_jax.initialise import with_codebooks
+from qinco_jax.model import init_params, nearest, nearest_blocked
 
 import reference
 from conftest import random_codec
@@ -37,7 +37,7 @@ def test_config():
     assert (plain.num_codes, plain.nlist) == (3, 0)
     with pytest.raises(ValueError, match="nlist must be >= 0"):
         qj.QincoConfig(d=8, nlist=-1)
-    params = codec_mod.init_params(IVF, jax.random.key(0))
+    params = init_params(IVF, jax.random.key(0))
     assert sorted(params) == ["codebook0", "step_1", "step_2", "step_3"]
     assert params["codebook0"].shape == (40, 12)
     # the original counts trainable parameters only: the M steps, not the frozen centroids
@@ -59,7 +59,7 @@ def test_matches_numpy_reference(lowrank):
     dec = reference.decode(codec.params, codes_ref, cfg.L, lowrank) * codec.scale
     np.testing.assert_allclose(qj.decode(codec, codes_ref), dec, atol=1e-4)
     np.testing.assert_allclose(err, ((xhat_ref * codec.scale - x) ** 2).sum(1), rtol=1e-3, atol=1e-4)
-    np.testing.assert_array_equal(codec_mod.ivf_assign(codec, x), codes_ref[:, 0])
+    np.testing.assert_array_equal(runtime.ivf_assign(codec, x), codes_ref[:, 0])
 
 
 def test_prefixes_and_centroids():
@@ -79,7 +79,7 @@ def _ivf_rq_codec(xt, cfg):
     centroids = faiss_ops.kmeans(xt, cfg.nlist, seed=5)
     _, assign = faiss.knn(xt, centroids, 1)
     rq = faiss_ops.train_rq(xt - centroids[assign[:, 0]], cfg.M, cfg.K, beam_size=1)
-    params = codec_mod.with_codebooks(codec_mod.init_params(cfg, jax.random.key(0)), faiss_ops.rq_codebooks(rq), centroids)
+    params = with_codebooks(init_params(cfg, jax.random.key(0)), faiss_ops.rq_codebooks(rq), centroids)
     params = jax.tree.map(np.asarray, params)
     for m in range(1, cfg.M + 1):
         params[f"step_{m}"]["concat"] = {k: np.zeros_like(v) for k, v in params[f"step_{m}"]["concat"].items()}
@@ -180,7 +180,7 @@ def test_init_codec_trains_rq_on_the_ivf_residuals():
     centroids = faiss_ops.kmeans(xt, 40, seed=3)
     codec = qj.init_codec(IVF, xt, seed=0, centroids=centroids)
     np.testing.assert_allclose(codec.ivf_centroids, centroids, rtol=1e-6, atol=1e-5)
-    assign = codec_mod.ivf_assign(codec, xt)
+    assign = runtime.ivf_assign(codec, xt)
     rq = faiss_ops.train_rq(xt - centroids[assign], IVF.M, IVF.K)
     want = faiss_ops.rq_codebooks(rq)
     for m in range(1, IVF.M + 1):
@@ -209,6 +209,7 @@ def _run_step(codec, x, devices, steps=2, lr=1e-3):
     return training.unreplicate(state), float(loss[0])
 
 
+@pytest.mark.devices(8)
 def test_train_step_eight_devices_equal_one_and_centroids_stay_frozen():
     assert jax.local_device_count() == 8
     codec = random_codec(IVF, scale=2.0)

@@ -8,7 +8,7 @@ import pytest
 
 import qinco_jax as qj
 from qinco_jax import checks, data
-from train import loop
+from train import epochs, loop
 from train.config import TrainConfig
 
 from conftest import near_codes, random_codec
@@ -78,7 +78,7 @@ def test_constant_data_file_in_the_cli(tmp_path):
 def test_training_stops_on_nan_and_saves_nothing_of_it(tmp_path, monkeypatch):
     cfg = TrainConfig(dataset="synthetic", nt=1024, nval=256, nb=256, K=16, M=2, L=1, h=8, lr=1e-3,
                       batch_size=512, epochs=4, workdir=str(tmp_path / "run"), progress=False)
-    real = loop.train_epoch
+    real = epochs.train_epoch
 
     def poisoned(cfg, mcfg, state, xt, epoch, lr, scale):
         loss, state = real(cfg, mcfg, state, xt, epoch, lr, scale)
@@ -88,16 +88,16 @@ def test_training_stops_on_nan_and_saves_nothing_of_it(tmp_path, monkeypatch):
             state = state._replace(params=params)
         return loss, state
 
-    monkeypatch.setattr(loop, "train_epoch", poisoned)
-    with pytest.raises(loop.TrainingError, match=r"epoch 1: parameter step_1/block_0/up/kernel holds NaN"):
+    monkeypatch.setattr(epochs, "train_epoch", poisoned)
+    with pytest.raises(epochs.TrainingError, match=r"epoch 1: parameter step_1/block_0/up/kernel holds NaN"):
         loop.run(cfg, log=lambda *a: None)
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0]
     best = qj.load(tmp_path / "run")
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(best.params))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["0"]
-    with pytest.raises(loop.TrainingError, match="training loss is nan"):
-        loop.check_finite(3, float("nan"), best.params)
+    with pytest.raises(epochs.TrainingError, match="training loss is nan"):
+        epochs.check_finite(3, float("nan"), best.params)
 
 
 def test_short_never_builds_a_full_repr():

@@ -8,7 +8,9 @@ import pytest
 
 import qinco_jax as qj
 from qinco_jax import pq
-from qinco_jax.torch_format import CheckpointError, load_pt_codec, read_objects
+from qinco_jax.checks import CheckpointError
+from qinco_jax.ptload import load_pt_codec
+from qinco_jax.unpickler import read_objects
 
 from conftest import random_codec, near_codes
 
@@ -33,7 +35,7 @@ def test_official_pq_file_gives_torch_codes():
 
 def test_pq_file_is_read_by_the_restricted_unpickler():
     obj = read_objects(DATA / "pq_qinco_tiny.pt")  # inert records only
-    assert type(obj).__name__ == "PQ_QINCo" and type(obj).__module__ == "qinco_jax.unpickler"
+    assert type(obj).__name__ == "PQ_QINCo" and type(obj).__module__ == "qinco_jax.unpickler.records"
 
 
 def test_pq_file_errors(tmp_path):

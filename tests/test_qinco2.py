@@ -10,6 +10,7 @@ import pytest
 import faiss
 import qinco_jax as qj
 from qinco_jax import codec as codec_mod
+from qinco_jax.model import init_params
 from qinco_jax import faiss_ops
 from train.config import architecture
 
@@ -52,7 +53,7 @@ def test_parameter_counts_equal_the_spec_table(preset):
 def test_qinco2_initialisation():
     for de in (10, 12):  # projections, and identity projections (de == d)
         cfg = qj.QincoConfig(d=12, K=16, M=3, L=2, h=20, variant="qinco2", de=de, A=4)
-        p = codec_mod.init_params(cfg, jax.random.key(0))["step_1"]
+        p = init_params(cfg, jax.random.key(0))["step_1"]
         assert not np.any(p["concat"]["kernel"]) and not np.any(p["concat"]["bias"])
         assert not np.any(p["block_0"]["down"]["kernel"]) and not np.any(p["block_1"]["down"]["kernel"])
         up = np.asarray(p["block_0"]["up"]["kernel"])
@@ -61,7 +62,7 @@ def test_qinco2_initialisation():
         if de != 12:
             assert np.abs(p["in_proj"]["kernel"]).max() <= np.sqrt(6 / 12)
             assert np.abs(p["out_proj"]["kernel"]).max() <= np.sqrt(6 / de)
-        codec = qj.Codec(cfg, jax.device_get(codec_mod.init_params(cfg, jax.random.key(0))), 1.0)
+        codec = qj.Codec(cfg, jax.device_get(init_params(cfg, jax.random.key(0))), 1.0)
         codes = np.random.default_rng(0).integers(0, 16, (20, 3))
         c1 = codec.params["step_1"]["codebook"][codes[:, 1]]
         step = qj.decode(codec, codes[:, :2]) - qj.decode(codec, codes[:, :1])
@@ -71,7 +72,7 @@ def test_qinco2_initialisation():
 
 def _trained_like(cfg, seed=0):
     """Random QINCo2 weights with non-zero concat and down-projections (so every part matters)."""
-    params = jax.device_get(codec_mod.init_params(cfg, jax.random.key(seed)))
+    params = jax.device_get(init_params(cfg, jax.random.key(seed)))
     rng = np.random.default_rng(seed)
     params = jax.tree_util.tree_map_with_path(
         lambda p, a: a + rng.normal(scale=0.2, size=a.shape).astype(np.float32) if "codebook" not in str(p) else a, params)

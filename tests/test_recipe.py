@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import codec as codec_mod
+from qinco_jax import model
 from qinco_jax import recipe, training
 
 from conftest import near_codes
@@ -17,7 +17,7 @@ V2 = qj.QincoConfig(d=12, K=16, M=3, L=1, h=16, variant="qinco2", de=10, A=4, B=
 
 def _codec(seed=0):
     rng = np.random.default_rng(seed)
-    params = jax.device_get(codec_mod.init_params(V2, jax.random.key(seed)))
+    params = jax.device_get(model.init_params(V2, jax.random.key(seed)))
     params = jax.tree.map(lambda a: a + rng.normal(scale=0.1, size=a.shape).astype(np.float32), params)
     return qj.Codec(V2, params, 1.0)
 
@@ -53,10 +53,10 @@ def test_preselection_term_trains_only_the_preselection_books():
     x = near_codes(codec, 64, noise=0.3)
     w = np.ones(64, np.float32)
 
-    codes = training.greedy_codes(V2, codec.params, x)
+    codes = training.search_codes(V2, codec.params, x)
 
     def pre_term(p):
-        xhats = qj.model.Qinco(V2).apply({"params": p}, codes, method=qj.model.Qinco.decode_prefixes)
+        xhats = model.Qinco(V2).apply({"params": p}, codes, method=model.Qinco.decode_prefixes)
         return recipe.preselection_error(V2, p, codes, xhats, x).sum()
 
     g_pre = jax.grad(pre_term)(codec.params)
@@ -69,7 +69,7 @@ def test_preselection_term_trains_only_the_preselection_books():
             if k != "presel_codebook":
                 assert not any(np.any(leaf) for leaf in jax.tree.leaves(v)), k
     # the term equals the RQ error of the books on the encoder's codes
-    xh = [codec_mod.decode(codec, np.asarray(codes)[:, : m + 1]) for m in range(V2.M)]
+    xh = [qj.decode(codec, np.asarray(codes)[:, : m + 1]) for m in range(V2.M)]
     want = sum(((xh[m - 1] + np.asarray(codec.params[f"step_{m}"]["presel_codebook"])[np.asarray(codes)[:, m]] - x) ** 2).sum(1)
                for m in (1, 2))
     got = recipe.preselection_error(V2, codec.params, codes, [np.asarray(a) for a in xh], x)
@@ -84,6 +84,7 @@ def _stats_step(codec, x, devices):
     return training.unreplicate(state), jax.device_get(jax.tree.map(lambda a: a[0], stats))
 
 
+@pytest.mark.devices(8)
 def test_usage_is_counted_over_all_devices():
     assert jax.local_device_count() == 8
     codec = _codec(1)
@@ -92,7 +93,7 @@ def test_usage_is_counted_over_all_devices():
     s1, st1 = _stats_step(codec, x, jax.local_devices()[:1])
     np.testing.assert_array_equal(st8["counts"], st1["counts"])
     assert st8["counts"].sum() == 256 * V2.M and st8["n"] == 256
-    codes = np.asarray(training.greedy_codes(V2, codec.params, x))
+    codes = np.asarray(training.search_codes(V2, codec.params, x))
     for m in range(V2.M):
         np.testing.assert_array_equal(st8["counts"][m], np.bincount(codes[:, m], minlength=V2.K))
     np.testing.assert_allclose(st8["rsum"][0], x.sum(0), rtol=1e-4, atol=1e-3)

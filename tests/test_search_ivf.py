@@ -8,11 +8,11 @@ import pytest
 
 import qinco_jax as qj
 from eval import search as cli
-from qinco_jax import codec as codec_mod
-from qinco_jax import data
+from qinco_jax import data, model
 from qinco_jax import search as S
 from qinco_jax.checks import QincoInputError
 from qinco_jax.search.pipeline import _shortlist
+from test_eval_search import check_sweep_values
 
 CFG = qj.QincoConfig(d=16, K=16, M=3, L=1, h=16, nlist=8)
 FLAT = qj.QincoConfig(d=16, K=16, M=3, L=1, h=16)
@@ -20,7 +20,7 @@ FLAT = qj.QincoConfig(d=16, K=16, M=3, L=1, h=16)
 
 def ivf_codec(seed=0, scale=4.0):
     """Random IVF-QINCo weights with spread-out centroids (scaled domain)."""
-    params = jax.device_get(codec_mod.init_params(CFG, jax.random.key(seed)))
+    params = jax.device_get(model.init_params(CFG, jax.random.key(seed)))
     params = dict(params)
     params["codebook0"] = np.asarray(params["codebook0"]) * 4
     return qj.Codec(CFG, params, scale)
@@ -97,7 +97,7 @@ def test_ivf_bad_input(ivf_setup, tmp_path):
     p = S.load_pipeline(d, codec)
     with pytest.raises(QincoInputError, match="nprobe=9 is larger than .*nlist=8"):
         S.search(p, xq, nprobe=9)
-    flat = qj.Codec(FLAT, jax.device_get(codec_mod.init_params(FLAT, jax.random.key(0))), 4.0)
+    flat = qj.Codec(FLAT, jax.device_get(model.init_params(FLAT, jax.random.key(0))), 4.0)
     with pytest.raises(QincoInputError, match="needs an IVF-QINCo codec"):
         S.load_pipeline(d, flat)
     with pytest.raises(QincoInputError, match="needs an IVF-QINCo codec"):
@@ -124,11 +124,13 @@ def test_ivf_cli_build_and_sweep(ivf_setup, tmp_path):
               "--out", str(tmp_path / "idx"), "--hnsw", "4", "--no-progress"])
     out = tmp_path / "res.json"
     cli.main(["search", "--index", str(tmp_path / "idx"), "--queries", str(files["q"]), "--nprobe", "1,8",
-              "--nshort", "5,50", "--baselines", "--ceiling", "--out", str(out)])
+              "--nshort", "5,50", "--baselines", "--ceiling", "--out", str(out), "--db", str(files["db"]),
+              "--train", str(files["train"])])
     rows = json.loads(out.read_text())["rows"]
     methods = {r["method"] for r in rows}
     assert {"IVF-QINCo", "IVF-QINCo shortlist (no re-rank)", "IVF8,RQ3x4_Nqint8"} <= methods
     assert "divide d=16" in next(r for r in rows if r["method"] == "IVF8,PQ3x4")["note"]  # 3 does not divide 16
     assert {r["nprobe"] for r in rows if r["method"] == "IVF-QINCo"} == {1, 8}
+    check_sweep_values(rows)  # recalls in [0, 1]; at each nprobe, the shortlist's recall does not fall with nshort
     with pytest.raises(SystemExit, match="nprobe 16 is larger than the index's number of lists nlist=8"):
         cli.main(["search", "--index", str(tmp_path / "idx"), "--queries", str(files["q"]), "--nprobe", "16"])

@@ -18,7 +18,7 @@ from qinco_jax import data
 from qinco_jax import search as S
 from qinco_jax.checks import QincoInputError
 from qinco_jax.search.codes import MAX_PROCESSES
-from tests.conftest import near_codes, random_codec
+from tests.conftest import near_codes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IVF = qj.QincoConfig(d=8, K=16, M=3, L=1, h=16, nlist=300)  # list ids need uint16, step codes uint8
@@ -97,16 +97,16 @@ def _edit(path, **fields):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("process_count", 10 ** 12, "'process_count' must be an integer in \\[1, 301\\]"),
-    ("process_count", True, "'process_count' must be an integer"),
-    ("n", -5, "'n' must be an integer"),
-    ("n", "301", "'n' must be an integer"),
-    ("M", 10 ** 9, "'M' must be an integer"),
+    ("process_count", 10 ** 12, "'process_count' is 1000000000000, outside \\[1, 65536\\]"),
+    ("process_count", 302, "'process_count' is 302, more than the 301 rows"),
+    ("process_count", True, "'process_count' must be int, got True"),
+    ("n", -5, "'n' is -5, outside"),
+    ("n", "301", "'n' must be int"),
+    ("M", 10 ** 9, "'M' is 1000000000, outside"),
     ("fingerprint", "x" * 64, "fingerprint"),
     ("steps_dtype", "<u2", "'steps_dtype' must be '|u1'"),
     ("lists_dtype", None, "'lists_dtype' must be '<u2'"),
     ("format", "something/3", "not a codes store file"),
-    ("extra", 1, "unknown field 'extra'"),
 ])
 def test_manifest_schema(tmp_path, ivf, field, value, match):
     out = _complete(tmp_path, ivf)
@@ -124,7 +124,7 @@ def test_huge_process_count_is_bounded_by_the_database(tmp_path, ivf):
     out = _complete(tmp_path, ivf)
     _edit(out / S.MANIFEST, n=10 ** 12, process_count=10 ** 12)
     t = time.perf_counter()
-    with pytest.raises(QincoInputError, match=f"'process_count' must be an integer in \\[1, {MAX_PROCESSES:,}\\]"):
+    with pytest.raises(QincoInputError, match=f"'process_count' is 1000000000000, outside \\[1, {MAX_PROCESSES}\\]"):
         S.codes_status(out)
     assert time.perf_counter() - t < 5
     (out / S.MANIFEST).write_text(" " * (17 << 20))
@@ -138,13 +138,14 @@ def test_done_markers_checked_against_their_own_slice(tmp_path, ivf):
     good0, good = m0.read_text(), m1.read_text()
     # a marker claiming rows outside its slice cannot make a half-written part count as complete
     for m, fields, match in (
-            (m0, {"rows_done": 301, "hi": 301}, "claims process 0, rows \\[0, 301\\); process 0 of 2 encodes \\[0, 150\\)"),
-            (m0, {"rows_done": 151}, "'rows_done' must be an integer in \\[0, 150\\]"),
-            (m1, {"rows_done": 400}, "'rows_done' must be an integer in \\[150, 301\\]"),
+            (m0, {"rows_done": 301, "hi": 301}, "claims process 0, rows \\[0, 301\\); process 0 of 2 encodes "
+                                                "\\[0, 150\\)"),
+            (m0, {"rows_done": 151}, "'rows_done' is 151, outside the slice \\[0, 150\\] of process 0 of 2"),
+            (m1, {"rows_done": 400}, "'rows_done' is 400, outside the slice \\[150, 301\\]"),
             (m1, {"lo": 0, "rows_done": 301}, "claims process 1, rows \\[0, 301\\)"),
             (m1, {"process_index": 0}, "claims process 0"),
             (m1, {"fingerprint": "0" * 64}, "belongs to another build \\(fingerprint"),
-            (m1, {"rows_done": 1.5e2}, "'rows_done' must be an integer")):
+            (m1, {"rows_done": 1.5e2}, "'rows_done' must be int")):
         m0.write_text(good0)
         m1.write_text(good)
         _edit(m, **fields)
@@ -190,6 +191,11 @@ def test_part_files_checked_before_mapping(tmp_path, ivf):
     lists.unlink()
     os.mkfifo(lists)
     with pytest.raises(QincoInputError, match="not a regular file"):
+        S.open_codes(out)
+    lists.unlink()
+    (tmp_path / "outside.npy").write_bytes(good_l)
+    lists.symlink_to(tmp_path / "outside.npy")  # the same bytes, but outside the folder
+    with pytest.raises(QincoInputError, match="is a symbolic link"):
         S.open_codes(out)
     lists.unlink()
     lists.write_bytes(good_l)

@@ -12,17 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import qinco_jax as qj
 from qinco_jax import codec as qcodec
-from qinco_jax.model import QincoConfig
+from qinco_jax.config import QincoConfig
 import reference
-from qinco_jax.torch_format import (
-    CheckpointError,
-    ModuleRecord,
-    RestrictedUnpickler,
-    convert,
-    load_pt,
-    read_objects,
-)
+from qinco_jax.checks import CheckpointError
+from qinco_jax.ptload import load_pt
+from qinco_jax.ptload.v1 import convert
+from qinco_jax.unpickler import ModuleRecord, RestrictedUnpickler, read_objects
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = [
@@ -107,12 +104,12 @@ def test_numpy_forward_matches_torch(name, cfg, scale):
 def test_flax_codec_matches_torch(name, cfg, scale):
     cfg, params, scale = load_pt(DATA / f"{name}.pt")
     ref = np.load(DATA / f"{name}_ref.npz")
-    c = qcodec.Codec(cfg, params, scale)
+    c = qj.Codec(cfg, params, scale)
     x_raw = ref["x"] * np.float32(scale)
-    codes = qcodec.encode(c, x_raw)
+    codes = qj.encode(c, x_raw)
     assert codes.shape == ref["codes"].shape and codes.dtype == cfg.code_dtype
     np.testing.assert_array_equal(codes.astype(np.int64), ref["codes"])
-    recon = qcodec.decode(c, ref["codes"])
+    recon = qj.decode(c, ref["codes"])
     np.testing.assert_allclose(recon / scale, ref["recon"], rtol=0, atol=1e-5)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax.torch_qinco2 import convert_qinco2
+from qinco_jax.ptload.qinco2 import convert_qinco2
 from qinco_jax.unpickler import read_objects
 
 DATA = Path(__file__).parent / "data"

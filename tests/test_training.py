@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+import qinco_jax as qj
 from qinco_jax import training
 
 from conftest import TINY, near_codes, random_codec
@@ -20,6 +21,7 @@ def _run_step(codec, x, w, devices, lr=1e-3, steps=1):
     return training.unreplicate(state), float(loss[0])
 
 
+@pytest.mark.devices(8)
 def test_eight_devices_equal_one_device():
     assert jax.local_device_count() == 8
     codec = random_codec(scale=2.0)
@@ -32,6 +34,23 @@ def test_eight_devices_equal_one_device():
     assert max(jax.tree.leaves(diff)) < 1e-6
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), s1.params, codec.params)
     assert max(jax.tree.leaves(moved)) > 1e-4  # the step did change the parameters
+
+
+@pytest.mark.parametrize("cfg", [
+    qj.QincoConfig(d=12, K=16, M=3, L=1, h=16, variant="qinco2", de=10, A=4, B=3),
+    qj.QincoConfig(d=8, K=16, M=3, L=2, h=12),
+], ids=["qinco2", "qinco1"])
+def test_train_step_codes_are_encode_at_the_models_search(cfg):
+    """The codes the loss is computed on are those of qj.encode with the config's (A, B)."""
+    codec = random_codec(cfg, seed=2)  # scale 1, no shift: raw units are the model's domain
+    rng = np.random.default_rng(2)  # non-zero QINCo2 blocks, so that the networks steer the search
+    params = jax.tree.map(lambda a: a + rng.normal(scale=0.1, size=a.shape).astype(np.float32), codec.params)
+    codec = qj.Codec(cfg, params, 1.0)
+    x = near_codes(codec, 256, seed=3, noise=0.3)
+    got = np.asarray(jax.jit(training.search_codes, static_argnums=0)(cfg, codec.params, x))
+    want = qj.encode(codec, x, beam=cfg.B, candidates=cfg.A)
+    assert got.shape == want.shape == (256, cfg.M)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_loss_is_the_original_mean_and_padding_is_ignored():
@@ -132,14 +151,12 @@ def _reference_loss(params, codes, x, L, lowrank):
 
 @pytest.mark.parametrize("lowrank", [False, True])
 def test_gradient_matches_float64_finite_differences(lowrank):
-    import qinco_jax as qj
-
     cfg = qj.QincoConfig(d=6, K=8, M=3, L=2, h=5, lowrank=lowrank)
     codec = random_codec(cfg, seed=4, scale=1.0)
     x = near_codes(codec, 40, seed=5, noise=0.3).astype(np.float64)
     w = np.ones(len(x), np.float32)
     grads = jax.grad(lambda p: training.loss_terms(cfg, p, x.astype(np.float32), w)[0] / x.size)(codec.params)
-    codes = np.asarray(training.greedy_codes(cfg, codec.params, x.astype(np.float32)))
+    codes = np.asarray(training.search_codes(cfg, codec.params, x.astype(np.float32)))
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), codec.params)
     leaves, treedef = jax.tree_util.tree_flatten(p64)
     g_leaves = [np.asarray(g) for g in jax.tree_util.tree_leaves(grads)]

@@ -56,7 +56,7 @@ class TrainConfig:
     process_id: int | None = None
 
     def model(self, d: int):
-        from qinco_jax.model import QincoConfig
+        from qinco_jax import QincoConfig
 
         return QincoConfig(d=d, K=self.K, M=self.M, L=self.L, h=self.h, lowrank=self.lowrank, nlist=self.ivf,
                            variant=self.variant, de=self.de, A=self.A, B=self.B)

@@ -181,6 +181,7 @@ def main(argv=None) -> None:
     cfg = config_from_args(argv)
     from qinco_jax import QincoInputError
     from train import loop, pq
+    from train.epochs import TrainingError
 
     if cfg.opq and not cfg.pq:
         fail("--opq needs --pq NSUB")
@@ -188,8 +189,26 @@ def main(argv=None) -> None:
         fail("--pq and --ivf cannot be combined (PQ-QINCo sub-quantizers are plain QINCo)")
     try:
         pq.run(cfg) if cfg.pq else loop.run(cfg)
-    except (QincoInputError, FileExistsError, FileNotFoundError, ValueError, loop.TrainingError) as e:
+    except (QincoInputError, FileExistsError, FileNotFoundError, ValueError, TrainingError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted_at(cfg.workdir)}; run the same command again (or add --resume) to "
+              "continue from there", file=sys.stderr)
+        sys.exit(130)
+
+
+def interrupted_at(workdir) -> str:
+    """Where a run stopped: its last finished epoch checkpoint (orbax keeps one folder per epoch)."""
+    if not workdir:
+        return "no workdir, nothing was kept"
+    folder = os.path.join(workdir, "checkpoints")
+    try:
+        epochs = [int(e) for e in os.listdir(folder) if e.isdigit()]
+    except OSError:
+        epochs = []
+    if not epochs:
+        return f"no epoch had finished ({workdir} holds no checkpoint yet; a rerun starts from the beginning)"
+    return f"{workdir} keeps a checkpoint after epoch {max(epochs) + 1}"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from qinco_jax import checks, data, pq
 from qinco_jax.files import write_json
 from train import loop
 from train.config import TrainConfig
+from train.workdir import prepare_workdir
 
 CHUNK = 65536
 
@@ -67,7 +68,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     checks.finite(ds.xt, "training vectors")
     checks.finite(ds.xval, "validation vectors")
     dims = pq.split_dims(ds.d, cfg.pq)
-    workdir = loop.prepare_workdir(cfg)
+    workdir = prepare_workdir(cfg)
     log(f"PQ-QINCo: {cfg.pq} blocks of {dims[0][1] - dims[0][0]} dimensions, {cfg.M} codes of "
         f"{int(np.log2(cfg.K))} bits each{' after an OPQ rotation' if cfg.opq else ''}; workdir {workdir}")
     rotation = None

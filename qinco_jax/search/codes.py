@@ -19,7 +19,8 @@ import stat
 import numpy as np
 
 from qinco_jax.checks import QincoInputError, short
-from qinco_jax.files import read_bounded_json
+from qinco_jax.files import open_regular, read_bounded_json
+from qinco_jax.schema import INT, NONE, STR, Field, check
 from qinco_jax.search.common import fingerprint, nlist_of
 
 CODES_FORMAT = "qinco_jax.codes/2"
@@ -73,44 +74,49 @@ def bytes_per_vector(settings: dict) -> int:
 # ----------------------------------------------------------------------------- schema
 
 
-def _field(obj: dict, key: str, where: str, lo: int, hi: int) -> int:
-    v = obj.get(key)
-    if type(v) is not int or not lo <= v <= hi:
-        raise QincoInputError(f"{where}: field {key!r} must be an integer in [{lo:,}, {hi:,}], got {short(v)}")
-    return v
+SCHEMA = {"format": Field((STR,), max_len=64), "n": Field((INT,), 1, MAX_ROWS), "M": Field((INT,), 1, 1024),
+          "K": Field((INT,), 2, 1 << 16), "nlist": Field((INT,), 0, 1 << 32), "part_size": Field((INT,), 1, 1 << 40),
+          "process_count": Field((INT,), 1, MAX_PROCESSES), "fingerprint": Field((STR,), max_len=64),
+          "steps_dtype": Field((STR,), max_len=8), "lists_dtype": Field((STR, NONE), max_len=8)}
+MARKER_SCHEMA = {**SCHEMA, "process_index": Field((INT,), 0, MAX_PROCESSES - 1), "lo": Field((INT,), 0, MAX_ROWS),
+                 "hi": Field((INT,), 0, MAX_ROWS), "rows_done": Field((INT,), 0, MAX_ROWS)}
 
 
-def check_settings(obj: dict, where: str, fmt: str, extra: tuple = ()) -> dict:
-    """The settings of a marker or manifest, every field typed and bounded (QincoInputError naming the field)."""
+def check_settings(obj: dict, where: str, fmt: str) -> dict:
+    """The settings of a marker (fmt PART_FORMAT, its own fields too) or a manifest (CODES_FORMAT), every field
+    typed and bounded (qinco_jax.schema) and the process count and dtypes checked against the rest: a
+    QincoInputError naming the file and the field."""
     if obj.get("format") == OLD_FORMAT:
         raise QincoInputError(f"{where}: a codes folder of an earlier format (one codes.npy, every column at the "
                               "list-id width), which this version does not read; rebuild it: delete the folder "
                               "and run encode_database / `eval/search.py build` again")
     if obj.get("format") != fmt:
         raise QincoInputError(f"{where}: not a codes store file (format {short(obj.get('format'))}, expected {fmt!r})")
-    unknown = sorted(set(obj) - {"format", *SETTINGS, *extra})
-    if unknown:
-        raise QincoInputError(f"{where}: unknown field {short(unknown[0])}")
-    n = _field(obj, "n", where, 1, MAX_ROWS)
-    _field(obj, "M", where, 1, 1024)
-    K = _field(obj, "K", where, 2, 1 << 16)
-    nlist = _field(obj, "nlist", where, 0, 1 << 32)
-    _field(obj, "part_size", where, 1, 1 << 40)
-    _field(obj, "process_count", where, 1, min(n, MAX_PROCESSES))
-    fp = obj.get("fingerprint")
-    if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
-        raise QincoInputError(f"{where}: field 'fingerprint' must be 64 hex digits, got {short(fp)}")
+    check(obj, MARKER_SCHEMA if fmt == PART_FORMAT else SCHEMA, where)
+    n, K, nlist = obj["n"], obj["K"], obj["nlist"]
+    if obj["process_count"] > n:
+        raise QincoInputError(f"{where}: the field 'process_count' is {obj['process_count']:,}, more than the "
+                              f"{n:,} rows of the database (n)")
+    if not _HEX64.fullmatch(obj["fingerprint"]):
+        raise QincoInputError(f"{where}: the field 'fingerprint' must be 64 hex digits, got {short(obj['fingerprint'])}")
     ld = lists_dtype(nlist)
     for key, want in (("steps_dtype", steps_dtype(K).str), ("lists_dtype", None if ld is None else ld.str)):
-        if obj.get(key) != want:
-            raise QincoInputError(f"{where}: field {key!r} must be {want!r} for K={K}, nlist={nlist}, "
-                                  f"got {short(obj.get(key))}")
+        if obj[key] != want:
+            raise QincoInputError(f"{where}: the field {key!r} must be {want!r} for K={K}, nlist={nlist}, "
+                                  f"got {short(obj[key])}")
     return {k: obj[k] for k in SETTINGS}
+
+
+def no_link(path: str, what: str) -> str:
+    """path, refused when it is a symbolic link: a codes folder's files are its own."""
+    if os.path.islink(path):
+        raise QincoInputError(f"{what}: {path} is a symbolic link; the files of a codes folder must be its own")
+    return path
 
 
 def read_manifest(out_dir: str) -> dict:
     """The checked settings of a codes folder's manifest."""
-    path = os.path.join(out_dir, MANIFEST)
+    path = no_link(os.path.join(out_dir, MANIFEST), "codes manifest")
     return check_settings(read_bounded_json(path, "codes manifest"), path, CODES_FORMAT)
 
 
@@ -121,8 +127,8 @@ def read_marker(out_dir: str, r: int, settings: dict) -> dict | None:
     path = part_path(out_dir, r, R, "json")
     if not os.path.lexists(path):
         return None
-    obj = read_bounded_json(path, "codes done marker")
-    got = check_settings(obj, path, PART_FORMAT, ("process_index", "lo", "hi", "rows_done"))
+    obj = read_bounded_json(no_link(path, "codes done marker"), "codes done marker")
+    got = check_settings(obj, path, PART_FORMAT)
     diff = [k for k in SETTINGS if got[k] != settings[k]]
     if diff:
         raise QincoInputError(f"{path} belongs to another build ({diff[0]}: {short(got[diff[0]])} there, "
@@ -132,7 +138,10 @@ def read_marker(out_dir: str, r: int, settings: dict) -> dict | None:
         raise QincoInputError(f"{path}: the marker claims process {short(obj.get('process_index'))}, rows "
                               f"[{short(obj.get('lo'))}, {short(obj.get('hi'))}); process {r} of {R} encodes "
                               f"[{lo}, {hi})")
-    return {"lo": lo, "hi": hi, "rows_done": _field(obj, "rows_done", path, lo, hi)}
+    if not lo <= obj["rows_done"] <= hi:
+        raise QincoInputError(f"{path}: the field 'rows_done' is {obj['rows_done']:,}, outside the slice "
+                              f"[{lo:,}, {hi:,}] of process {r} of {R}")
+    return {"lo": lo, "hi": hi, "rows_done": obj["rows_done"]}
 
 
 def markers_in(out_dir: str) -> dict[int, list[int]]:
@@ -172,7 +181,7 @@ def check_part(f, path: str, dtype: np.dtype, shape: tuple) -> int:
     exactly dtype and shape (C order) and whose size is the header plus the data."""
     st = os.fstat(f.fileno())
     if not stat.S_ISREG(st.st_mode):
-        raise QincoInputError(f"{path} is not a regular file")
+        raise QincoInputError(f"codes part: {path} is not a regular file")
     head = f.read(MAX_HEADER)
     want = npy_header(dtype, shape)
     if head[:len(want)] != want:
@@ -191,11 +200,8 @@ def check_part(f, path: str, dtype: np.dtype, shape: tuple) -> int:
 
 
 def open_part(path: str):
-    """A part file opened for reading (a FIFO cannot block the open; check_part then refuses it)."""
-    try:
-        return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
-    except FileNotFoundError:
-        raise QincoInputError(f"{path} is missing") from None
+    """A part file opened for reading: a regular file (a FIFO cannot block the open)."""
+    return os.fdopen(open_regular(no_link(path, "codes part"), "codes part"), "rb")
 
 
 def map_part(path: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
@@ -311,8 +317,8 @@ def codes_status(out_dir) -> dict:
             return {"n": 0, "done": 0, "complete": False, "manifest": None, "settings": None, "processes": []}
         (R, ranks), = found.items()
         path = part_path(out_dir, min(ranks), R, "json")
-        settings = check_settings(read_bounded_json(path, "codes done marker"), path, PART_FORMAT,
-                                  ("process_index", "lo", "hi", "rows_done"))
+        settings = check_settings(read_bounded_json(no_link(path, "codes done marker"), "codes done marker"),
+                                  path, PART_FORMAT)
     procs = _progress(out_dir, settings)
     done = sum(p["rows_done"] - p["lo"] for p in procs if p is not None)
     return {"n": settings["n"], "done": done, "complete": manifest is not None and done == settings["n"],

@@ -20,11 +20,12 @@ from qinco_jax.checks import QincoInputError, short
 from qinco_jax.files import read_bounded_json, write_json
 from qinco_jax.progress import Progress
 from qinco_jax.search.codes import (CODES_FORMAT, MANIFEST, MAX_PROCESSES, PART_FORMAT, SETTINGS, check_part,
-                                    check_settings, describe, markers_in, npy_header, open_part, part_path,
-                                    part_shape, process_slice, read_marker, settings_of)
+                                    check_settings, describe, markers_in, no_link, npy_header, open_part, part_path,
+                                    part_shape, process_slice, read_manifest, read_marker, settings_of)
 from qinco_jax.search.codes import codes_status, open_codes  # noqa: F401 - the store's reader, also from here
 
 DEFAULT_PART = 65536
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a link planted in the folder is an error, never written through
 WAIT_S = 1800.0  # process 0 gives up on a process whose marker has not moved for this long
 
 
@@ -33,8 +34,7 @@ def _check_folder(out_dir: str, settings: dict) -> None:
     or markers of a build with another process count."""
     mpath = os.path.join(out_dir, MANIFEST)
     if os.path.lexists(mpath):
-        raw = read_bounded_json(mpath, "codes manifest")
-        old = check_settings(raw, mpath, CODES_FORMAT)
+        old = read_manifest(out_dir)
         diff = [k for k in SETTINGS if old[k] != settings[k]]
         if diff:
             what = "; ".join(f"{k}: {short(old[k], 14)} there, {short(settings[k], 14)} now" for k in diff)
@@ -52,7 +52,7 @@ def _open_part(path: str, dtype: np.dtype, shape: tuple, fresh: bool) -> tuple[i
     """(fd, header length) of a part file for writing: made anew (header, then the full size) when fresh, else
     checked to be the one this build made."""
     if fresh:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
         header = npy_header(dtype, shape)
         os.pwrite(fd, header, 0)
         os.ftruncate(fd, len(header) + int(np.prod(shape)) * dtype.itemsize)
@@ -60,7 +60,7 @@ def _open_part(path: str, dtype: np.dtype, shape: tuple, fresh: bool) -> tuple[i
     if not os.path.lexists(path):
         raise QincoInputError(f"{path} is missing, but this process's done marker says part of it is written; "
                               "delete the folder and rebuild")
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDWR | NOFOLLOW)
     with os.fdopen(os.dup(fd), "rb") as f:
         try:
             return fd, check_part(f, path, dtype, shape)
@@ -106,8 +106,7 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
             fds[what] = (*_open_part(part_path(out_dir, r, R, what), dtype, shape, done == lo), dtype)
         if mark is None:
             write_json(part_path(out_dir, r, R, "json"), {**marker, "rows_done": lo})  # started
-        with Progress(hi - lo, desc=f"encode p{r}", enabled=progress) as bar:
-            bar.update(done - lo)
+        with Progress(hi - lo, desc=f"encode p{r}", enabled=progress, initial=done - lo) as bar:  # rate: new rows
             for start in range(done, hi, part_size):
                 stop = min(hi, start + part_size)
                 codes = qj.encode(codec, x[start:stop], batch_size=batch_size)
@@ -140,8 +139,8 @@ def finish_codes(out_dir, *, process_count: int | None = None, wait_s: float = W
         raise QincoInputError(f"{out_dir}: no codes build of {process_count or 'any number of'} processes to "
                               "finish (process 0 has not started it); run encode_database first")
     path = part_path(out_dir, 0, R, "json")
-    settings = check_settings(read_bounded_json(path, "codes done marker"), path, PART_FORMAT,
-                              ("process_index", "lo", "hi", "rows_done"))
+    settings = check_settings(read_bounded_json(no_link(path, "codes done marker"), "codes done marker"), path,
+                              PART_FORMAT)
     poll_s = max(0.01, min(poll_s, wait_s / 10))
     seen: dict[int, tuple] = {}
     while True:

@@ -2,7 +2,8 @@
 
 `qinco_jax.unpickler` reads the archive into inert records (no code from the file runs); this module
 checks the record tree of a QINCo / QINCo-LR / IVF-QINCo module and converts it to a `QincoConfig`, a parameter
-tree in this package's layout (see qinco_jax.model) and the data scale (the original's db_scale).
+tree in this package's layout (see qinco_jax.model) and the data scale (the original's db_scale); and
+that of a PQ_QINCo module (one QINCo per sub-vector block, an optional OPQ matrix) to a PQCodec.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import numpy as np
 
 from qinco_jax import limits
 from qinco_jax.checks import CheckpointError, short
-from qinco_jax.model import QincoConfig
-from qinco_jax.unpickler import ModuleRecord, RestrictedUnpickler, read_objects  # noqa: F401  (re-exported)
-
-__all__ = ["CheckpointError", "ModuleRecord", "RestrictedUnpickler", "convert", "load_pt", "load_pt_codec",
-           "read_objects"]
+from qinco_jax.codec import Codec
+from qinco_jax.config import QincoConfig
+from qinco_jax.pq import PQCodec
+from qinco_jax.ptload.tensors import MALFORMED, checked_tensor
+from qinco_jax.unpickler import ModuleRecord
 
 
 # ----------------------------------------------------------------------------------------------
-# Record tree -> config, params, scale
+# QINCo / QINCoLR / IVFQINCo record tree -> config, params, scale
 
 
 def _submodule(rec: ModuleRecord, name: str, path: str, cls: str | None = None) -> ModuleRecord:
@@ -37,19 +38,6 @@ def _tensor(rec: ModuleRecord, name: str, path: str, shape: tuple) -> np.ndarray
     """Parameter `name` of rec as float32, checked for presence, dtype, shape and finiteness."""
     params = rec.state.get("_parameters")
     return checked_tensor(params.get(name) if isinstance(params, dict) else None, path, shape, "the model attributes")
-
-
-def checked_tensor(arr, path: str, shape: tuple, source: str) -> np.ndarray:
-    """A checkpoint tensor as float32: present, floating-point, of the shape that `source` implies, finite."""
-    if arr is None:
-        raise CheckpointError(f"the checkpoint is missing tensor {path}")
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
-        raise CheckpointError(f"tensor {path} is not a floating-point tensor ({getattr(arr, 'dtype', type(arr))})")
-    if arr.shape != shape:
-        raise CheckpointError(f"tensor {path} has shape {arr.shape}, expected {shape} from {source}")
-    if not np.isfinite(arr).all():
-        raise CheckpointError(f"tensor {path} holds NaN or inf values")
-    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _linear(rec: ModuleRecord, path: str, out_f: int, in_f: int, bias: bool) -> dict:
@@ -187,7 +175,7 @@ def convert(obj) -> tuple[QincoConfig, dict, float]:
         return _convert(obj)
     except CheckpointError:
         raise
-    except (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError) as e:  # odd attribute types
+    except MALFORMED as e:  # odd attribute types
         raise CheckpointError(f"malformed QINCo module in the checkpoint: {type(e).__name__}: {e}") from None
 
 
@@ -203,22 +191,8 @@ def _convert(obj) -> tuple[QincoConfig, dict, float]:
     return cfg, params, _db_scale(top)
 
 
-def load_pt(path):
-    """Read a PyTorch QINCo v1 checkpoint (torch.save(model, path)) or a QINCo2 training checkpoint
-    (a dict with the state_dict, 'parameters' and 'data_dim') without torch.
-
-    Returns (config, params, norm): params is a nested dict of float32 numpy arrays in this
-    package's layout (qinco_jax.model); norm the v1 model's db_scale (a float) or QINCo2's
-    qinco_jax.Norm (data mean and std). IVFQINCo files give an IVF config (nlist = K_IVF, the
-    frozen centroids in codebook0). Raises CheckpointError for anything that is not a readable
-    QINCo / QINCo-LR / IVF-QINCo / QINCo2 checkpoint; no code from the file is run.
-    """
-    obj = read_objects(path)
-    from qinco_jax.torch_qinco2 import convert_qinco2, is_qinco2_checkpoint
-
-    if is_qinco2_checkpoint(obj):
-        return convert_qinco2(obj)
-    return convert(obj)
+# ----------------------------------------------------------------------------------------------
+# PQ_QINCo record tree -> PQCodec
 
 
 def _opq_matrix(top: ModuleRecord, d_out: int) -> np.ndarray | None:
@@ -235,9 +209,6 @@ def _opq_matrix(top: ModuleRecord, d_out: int) -> np.ndarray | None:
 
 def convert_pq(obj):
     """A PQCodec from the unpickled record tree of a PQ_QINCo checkpoint (sub_quantizer_{m}, opq_matrix)."""
-    from qinco_jax.codec import Codec
-    from qinco_jax.pq import PQCodec
-
     try:
         mods = obj.state.get("_modules")
         if not isinstance(mods, dict) or not all(isinstance(k, str) for k in mods):
@@ -255,21 +226,7 @@ def convert_pq(obj):
         return PQCodec(rotation, tuple(codecs))
     except CheckpointError:
         raise
-    except (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError) as e:
+    except MALFORMED as e:
         raise CheckpointError(f"malformed PQ_QINCo module in the checkpoint: {type(e).__name__}: {e}") from None
 
-
-def load_pt_codec(path):
-    """A Codec (QINCo, QINCo-LR, IVF-QINCo, QINCo2) or a PQCodec (PQ_QINCo) from an official .pt file,
-    without torch."""
-    from qinco_jax.codec import Codec
-
-    from qinco_jax.torch_qinco2 import convert_qinco2, is_qinco2_checkpoint
-
-    obj = read_objects(path)
-    if isinstance(obj, ModuleRecord) and obj.name == "PQ_QINCo" and isinstance(obj.state, dict):
-        return convert_pq(obj)
-    if is_qinco2_checkpoint(obj):
-        return Codec(*convert_qinco2(obj))
-    return Codec(*convert(obj))
 

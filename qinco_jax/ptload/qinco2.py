@@ -14,16 +14,11 @@ import numpy as np
 from qinco_jax import limits
 from qinco_jax.checks import CheckpointError, short
 from qinco_jax.codec import Norm
-from qinco_jax.model import QincoConfig
-from qinco_jax.torch_format import checked_tensor
+from qinco_jax.config import QincoConfig
+from qinco_jax.ptload.tensors import MALFORMED, StateDictTensors
 
 DDP_PREFIX = "module."
 BUFFERS = ("xtarget_mean", "xtarget_var")  # dead-codeword statistics: not needed to encode or decode
-
-
-def is_qinco2_checkpoint(obj) -> bool:
-    """A dict with the model's state_dict under 'model' and its 'parameters' (QINCo2 training)."""
-    return isinstance(obj, dict) and "model" in obj and "parameters" in obj
 
 
 def _int_param(params: dict, name: str, default: int | None = None) -> int:
@@ -76,33 +71,7 @@ def _state_dict(obj: dict) -> dict:
     return out
 
 
-class _Tensors:
-    """Takes tensors out of a state_dict by name, checking presence, dtype, shape and finiteness."""
-
-    def __init__(self, state: dict):
-        self.state, self.used = state, set()
-
-    def get(self, name: str, shape: tuple, transpose: bool = False) -> np.ndarray:
-        arr = checked_tensor(self.state.get(name), name, shape, "the parameters")
-        self.used.add(name)
-        return np.ascontiguousarray(arr.T) if transpose else arr
-
-    def linear(self, prefix: str, out_f: int, in_f: int, bias: bool = False) -> dict:
-        out = {"kernel": self.get(f"{prefix}.weight", (out_f, in_f), transpose=True)}
-        if bias:
-            out["bias"] = self.get(f"{prefix}.bias", (out_f,))
-        elif f"{prefix}.bias" in self.state:
-            raise CheckpointError(f"tensor {prefix}.bias: the architecture has no bias there")
-        return out
-
-    def check_all_used(self) -> None:
-        extra = sorted(n for n in self.state if n not in self.used and n.rsplit(".", 1)[-1] not in BUFFERS)
-        if extra:
-            raise CheckpointError(f"unexpected tensor {short(extra[0], 100)} in the checkpoint "
-                                  f"({len(extra)} unexpected in all)")
-
-
-def _step(t: _Tensors, cfg: QincoConfig, m: int) -> dict:
+def _step(t: StateDictTensors, cfg: QincoConfig, m: int) -> dict:
     """steps.{m} in this package's layout."""
     D, K, e, h, p = cfg.d, cfg.K, cfg.emb, cfg.h, f"steps.{m}"
     out = {"codebook": t.get(f"{p}.codebook.weight", (K, D))}
@@ -118,7 +87,7 @@ def _step(t: _Tensors, cfg: QincoConfig, m: int) -> dict:
     return out
 
 
-def _norm(t: _Tensors, D: int) -> Norm:
+def _norm(t: StateDictTensors, D: int) -> Norm:
     mean = t.state.get("data_mean")
     if isinstance(mean, np.ndarray) and mean.size == D and mean.shape != (D,):
         t.state["data_mean"] = mean.reshape(D)
@@ -135,7 +104,7 @@ def convert_qinco2(obj: dict) -> tuple[QincoConfig, dict, Norm]:
     """(config, params, normalisation) from the unpickled dict of a QINCo2 training checkpoint."""
     try:
         cfg, _ = _config(obj)
-        t = _Tensors(_state_dict(obj))
+        t = StateDictTensors(_state_dict(obj), BUFFERS)
         params = {"codebook0": t.get("steps.0.codebook.weight", (cfg.K, cfg.d))}
         t.used.add("steps.0.substep.codebook.weight")  # older files carry an unused one on step 0
         for m in range(1, cfg.M):
@@ -145,5 +114,5 @@ def convert_qinco2(obj: dict) -> tuple[QincoConfig, dict, Norm]:
         return cfg, params, norm
     except CheckpointError:
         raise
-    except (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError) as e:
+    except MALFORMED as e:
         raise CheckpointError(f"malformed QINCo2 checkpoint: {type(e).__name__}: {e}") from None

@@ -212,3 +212,15 @@ def test_help_gives_every_default():
             if action.option_strings and action.dest != "help":
                 assert "default" in (action.help or "") or "(required)" in (action.help or ""), action.dest
         assert "--nprobe" in text or cmd == "build"
+
+
+def test_index_bytes_measured_from_the_files(built):
+    """eval/index_bytes.py: the codes store of this flat K=16 codec holds 4 uint8 step codes per vector (no
+    list id), the earlier format as many; a flat faiss index keeps no ids (rows are ids)."""
+    from eval import index_bytes
+
+    rows = {r["what"]: r for r in index_bytes.measure(str(built))}
+    assert rows["codes store db_codes/ (step codes + list id)"]["total"] == 4
+    assert rows["codes store, earlier one-file format"]["total"] == 4
+    mem = rows["faiss index over the QINCo codes, in memory"]
+    assert mem["codes"] == 2 and mem["ids"] == 0 and mem["total"] == 2 + mem["norm"]

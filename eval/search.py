@@ -90,8 +90,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--part-size", type=int, default=S.DEFAULT_PART,
                    help=f"vectors per resumable part (default: {S.DEFAULT_PART})")
     b.add_argument("--batch-size", type=int, help="vectors per jitted encode call (default: the codec's)")
-    b.add_argument("--distributed", action="store_true", help="jax.distributed.initialize(); each process "
-                   "encodes its slice, process 0 builds the index (default: off)")
+    b.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() to learn each "
+                   "process's rank; each process encodes its slice into its own files, process 0 waits for all of "
+                   "them and builds the index (default: off)")
+    b.add_argument("--coordinator-address", help="with --distributed: host:port of process 0 (default: "
+                   "auto-detected on SLURM / TPU pods)")
+    b.add_argument("--num-processes", type=int, help="with --distributed: number of processes (default: auto-detected)")
+    b.add_argument("--process-id", type=int, help="with --distributed: this process's index (default: auto-detected)")
+    b.add_argument("--wait-s", type=float, default=S.WAIT_S, help="process 0 fails when another process's encoding "
+                   f"makes no progress for this many seconds; also jax's start-up timeout (default: {S.WAIT_S:g})")
     b.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars or lines (default: a bar on a terminal, a line every 10%% or 30 s otherwise)")
     s = sub.add_parser("search", help="sweep nprobe x nshort and report QPS and recalls",
@@ -148,11 +155,26 @@ def _vectors(path: str, d: int, what: str, n: int | None = None) -> np.ndarray:
     return x
 
 
-def build(args) -> dict:
+def process_rank(args) -> tuple[int, int]:
+    """(process index, process count) of this build: (0, 1), or under --distributed those that
+    jax.distributed.initialize() gives. The coordination service is shut down again at once: the processes
+    share nothing but their files (a crashed process cannot hang the others in jax's barriers)."""
     import jax
+    from jax._src import distributed
 
-    if args.distributed:
-        jax.distributed.initialize()
+    if not args.distributed:
+        return 0, 1
+    kw = {k: v for k, v in (("coordinator_address", args.coordinator_address),
+                            ("num_processes", args.num_processes), ("process_id", args.process_id)) if v is not None}
+    jax.distributed.initialize(**kw, initialization_timeout=max(1, int(args.wait_s)))
+    # read before any backend starts, so that encoding then runs on this process's own devices only
+    r, R = distributed.global_state.process_id, distributed.global_state.num_processes
+    jax.distributed.shutdown()
+    return int(r), int(R)
+
+
+def build(args) -> dict:
+    r, R = process_rank(args)
     codec = qj.load(args.model)
     cfg = codec.config
     xb = _vectors(args.db, cfg.d, "database")
@@ -165,24 +187,26 @@ def build(args) -> dict:
     fp = S.fingerprint(codec)
     for what, x, sub in (("training", xt, "train_codes"), ("database", xb, S.DB_CODES)):
         STAGE.update(what=f"encoding the {what} vectors", codes=out / sub)
-        st = S.codes_status(out / sub) if (out / sub / S.MANIFEST).exists() else None
-        if st and st["manifest"].get("fingerprint") != fp:
+        st = S.codes_status(out / sub) if (out / sub).is_dir() else None
+        if st and st["settings"] and st["settings"]["fingerprint"] != fp:
             raise QincoInputError(f"{out} holds {what} codes of another model (codec fingerprint "
-                                  f"{str(st['manifest'].get('fingerprint'))[:12]}, this model's {fp[:12]}): build "
+                                  f"{st['settings']['fingerprint'][:12]}, this model's {fp[:12]}): build "
                                   "into another --out folder, or delete this one")
         if st and st["done"]:
             log(f"{what}: {st['done']:,} of {st['n']:,} vectors already encoded, continuing")
-        log(f"encoding {x.shape[0]:,} {what} vectors into {out / sub}")
+        log(f"encoding {x.shape[0]:,} {what} vectors into {out / sub}" + (f" (process {r} of {R})" if R > 1 else ""))
         t = time.perf_counter()
         S.encode_database(codec, x, out / sub, part_size=args.part_size, batch_size=args.batch_size,
-                          progress=args.progress)
+                          progress=args.progress, process_index=r, process_count=R, finish=False)
         times[f"encode_{what}_s"] = time.perf_counter() - t
-    if args.distributed:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("qinco_search_encoded")
-        if jax.process_index() != 0:
-            return {}
+    if r != 0:
+        log(f"process {r}: its slices are encoded; process 0 builds the index")
+        return {}
+    for sub in ("train_codes", S.DB_CODES):
+        if R > 1:
+            log(f"waiting for the {R - 1} other processes to finish {out / sub}")
+            STAGE.update(what="waiting for the other processes' codes", codes=out / sub)
+        S.finish_codes(out / sub, process_count=R, wait_s=args.wait_s)
     STAGE.update(what="fitting the tables and writing the index (the encoded codes are kept)", codes=None)
     ct = S.open_codes(out / "train_codes", codec)
     db = S.open_codes(out / S.DB_CODES, codec)
@@ -190,8 +214,8 @@ def build(args) -> dict:
     t = time.perf_counter()
     tables = S.lstsq_tables(ct, xt, cfg.K, centroids=centroids, progress=args.progress)
     times["lstsq_s"] = time.perf_counter() - t
-    steps = np.asarray(ct[:, 1:] if centroids is not None else ct)
-    target = S.targets(xt, np.asarray(ct[:, 0]) if centroids is not None else None, centroids)
+    steps = np.asarray(ct.steps)
+    target = S.targets(xt, None if ct.lists is None else np.asarray(ct.lists), centroids)
     mse_train = float(np.mean(np.sum(np.square(S.additive_decode(tables, steps) - target), axis=1)))
     t = time.perf_counter()
     index = S.new_index(tables, centroids, norm=args.norm, train_norms=S.additive_norms(tables, steps),
@@ -222,7 +246,8 @@ def build(args) -> dict:
     info = {"model": MODEL_COPY, "model_source": S.relative_path(out, args.model), "db": S.relative_path(out, args.db),
             "train": S.relative_path(out, args.train),
             "nt": int(xt.shape[0]), "nb": int(xb.shape[0]), "norm": args.norm, "hnsw": args.hnsw,
-            "code_bytes": int(index.code_size), "times": times, "additive_mse_train": mse_train,
+            "code_bytes": int(index.code_size), "db_codes_bytes_per_vector": db.bytes_per_vector, "times": times,
+            "additive_mse_train": mse_train,
             "pairwise_tables": args.pairwise, "pairwise_mse_train": mse_pairwise,
             "pairwise_tables_kept": 0 if pairwise is None else int(len(pairwise.pairs)),
             "mse_db_first": {"n": nh, **mse_db}}

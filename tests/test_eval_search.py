@@ -132,8 +132,9 @@ def test_interrupted_codes_refused_then_resumed(files, tmp_path):
     args = ["build", "--model", str(files["root"] / "codec"), "--db", str(files["db"]), "--train",
             str(files["train"]), "--out", str(out), "--part-size", "300", "--no-progress"]
     cli.main(args)
-    progress = out / S.DB_CODES / "done.p0of1.json"
-    progress.write_text(json.dumps({"rows_done": 300, "lo": 0, "hi": NB}))  # as if killed after one part
+    marker = out / S.DB_CODES / "part.r0of1.json"
+    (out / S.DB_CODES / S.MANIFEST).unlink()  # as if killed after one part: no manifest, the marker at 300
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "rows_done": 300}))
     with pytest.raises(SystemExit, match="unfinished .*300 of 800.*resume"):
         cli.main(["search", "--index", str(out), "--queries", str(files["queries"])])
     cli.main(args)
@@ -212,3 +213,15 @@ def test_help_gives_every_default():
             if action.option_strings and action.dest != "help":
                 assert "default" in (action.help or "") or "(required)" in (action.help or ""), action.dest
         assert "--nprobe" in text or cmd == "build"
+
+
+def test_index_bytes_measured_from_the_files(built):
+    """eval/index_bytes.py: the codes store of this flat K=16 codec holds 4 uint8 step codes per vector (no
+    list id), the earlier format as many; a flat faiss index keeps no ids (rows are ids)."""
+    from eval import index_bytes
+
+    rows = {r["what"]: r for r in index_bytes.measure(str(built))}
+    assert rows["codes store db_codes/ (step codes + list id)"]["total"] == 4
+    assert rows["codes store, earlier one-file format"]["total"] == 4
+    mem = rows["faiss index over the QINCo codes, in memory"]
+    assert mem["codes"] == 2 and mem["ids"] == 0 and mem["total"] == 2 + mem["norm"]

@@ -5,8 +5,8 @@ The pipeline, for a codec with an IVF step (`cfg.nlist > 0`, codes (n, 1 + M), c
 
 1. `lstsq_tables(codes_xt, xt, K, centroids)`: additive tables T (M, K, d) minimising
    ||x - c[list] - sum_m T_m[i_m]||^2 over training vectors (normal equations accumulated chunk by chunk).
-2. `encode_database(codec, xb, dir)`: codes of the database in a memory-mapped file, in resumable parts,
-   one contiguous slice per process.
+2. `encode_database(codec, xb, dir)`: codes of the database in compact per-process part files (step codes and
+   list ids in their own narrow types), in resumable parts, one contiguous slice per process; `open_codes`.
 3. `new_index(tables, centroids, train_norms=...)` then `add_codes(index, tables, codes)`: a faiss
    IndexIVFResidualQuantizer whose codebooks are T, whose coarse quantizer holds the IVF centroids and whose
    inverted lists receive the QINCo codes as they are (no faiss encoding), with the norms of the additive
@@ -21,7 +21,8 @@ Everything works in raw units (the codec's scale is applied by qj.encode / qj.de
 Modules, each importing only those before it:
   common    codec kind (IVF / flat), code columns and dtype, IVF centroids, split_codes, fingerprint
   tables    least-squares additive tables, additive decode / norms / distances, targets
-  store     the resumable codes store (encode_database, codes_status, open_codes)
+  codes     the codes store's files and reader (open_codes, codes_status, Codes: compact per-process parts)
+  store     the codes store's writer (encode_database, finish_codes: resumable, one slice per process)
   index     the faiss index over QINCo codes (new_index, add_codes, faiss code layouts)
   pairwise  the pairwise additive decoder (PairwiseDecoder, train_pairwise, ivf_subcodes)
   scan      the shortlist scan with one look-up table per query (CSR lists, jitted)
@@ -40,14 +41,14 @@ from qinco_jax.search.index import NORMS, add_codes, decode_listnos, new_index, 
 from qinco_jax.search.pairwise import SHRINKS, PairwiseDecoder, ivf_subcodes, train_pairwise
 from qinco_jax.search.pipeline import RERANK_BUDGET, SCANS, Pipeline, SearchResult, search
 from qinco_jax.search.scan import SCAN_LISTS, TERMS, Scanner, ScanLists, build_lists, load_lists, save_lists
-from qinco_jax.search.store import (CODES_FILE, CODES_FORMAT, DEFAULT_PART, MANIFEST, codes_status,
-                                    encode_database, open_codes, process_slice)
+from qinco_jax.search.codes import CODES_FORMAT, MANIFEST, Codes, codes_status, open_codes, process_slice
+from qinco_jax.search.store import DEFAULT_PART, WAIT_S, encode_database, finish_codes
 from qinco_jax.search.tables import (LSTSQ_CHUNK, additive_decode, additive_distances, additive_norms,
                                      lstsq_tables, sum_rows_by_label, targets)
 
 __all__ = [
-    "CODES_FILE",
     "CODES_FORMAT",
+    "Codes",
     "DB_CODES",
     "DEFAULT_PART",
     "INDEX_FAISS",
@@ -63,6 +64,7 @@ __all__ = [
     "SHRINKS",
     "TABLES",
     "TERMS",
+    "WAIT_S",
     "ScanLists",
     "Scanner",
     "PairwiseDecoder",
@@ -77,6 +79,7 @@ __all__ = [
     "codes_status",
     "decode_listnos",
     "encode_database",
+    "finish_codes",
     "fingerprint",
     "folder_path",
     "ivf_centroids",

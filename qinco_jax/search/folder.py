@@ -25,7 +25,7 @@ from qinco_jax.search.index import NORMS
 from qinco_jax.search.pairwise import PairwiseDecoder
 from qinco_jax.search.pipeline import Pipeline
 from qinco_jax.search.scan import SCAN_LISTS, TERMS, check_lists, load_lists
-from qinco_jax.search.store import open_codes
+from qinco_jax.search.codes import open_codes
 
 INDEX_FORMAT = "qinco_jax.search_index/1"
 INDEX_META = "index.json"

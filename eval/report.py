@@ -89,27 +89,48 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(front)
 
 
+def _point_label(row: dict) -> str | None:
+    """'(nprobe, nshort)' of a search setting (either may be absent)."""
+    parts = [row.get("nprobe"), row.get("nshort")]
+    if all(p is None for p in parts):
+        return None
+    return "(" + ", ".join("-" if p is None else str(p) for p in parts) + ")"
+
+
 def plot_qps_recall(curves: dict, path, ks=(1, 10), title: str = "") -> None:
     """PNG with one panel per k: QPS (log scale) against R@k, the Pareto front of each method as a line and
-    every measured setting as a faint dot; curves = {method: [row dicts with 'qps' and 'r{k}']}."""
-    fig = figure((6.0 * len(ks), 4.8))
+    every measured setting as a faint dot; curves = {method: [row dicts with 'qps' and 'r{k}']}. Points of
+    the fronts are labelled (nprobe, nshort); the legend sits below the panels, off the points."""
+    fig = figure((6.5 * len(ks), 6.0))
     markers = "osD^v<>ph*"
+    handles = {}
     for j, k in enumerate(ks):
         ax = fig.add_subplot(1, len(ks), j + 1)
         for i, (name, rows) in enumerate(curves.items()):
-            pts = [(r.get(f"r{k}"), r.get("qps")) for r in rows]
-            pts = [p for p in pts if p[0] is not None and p[1] is not None and p[1] > 0]
+            labelled = {}
+            for r in rows:
+                if r.get(f"r{k}") is not None and r.get("qps"):
+                    labelled.setdefault((r[f"r{k}"], r["qps"]), _point_label(r))
+            pts = [p for p in labelled if p[1] > 0]
             if not pts:
                 continue
             color = f"C{i % 10}"
             ax.scatter(*zip(*pts), s=8, alpha=0.3, color=color)
-            ax.plot(*zip(*pareto(pts)), marker=markers[i % len(markers)], color=color, label=name)
+            front = pareto(pts)
+            (line,) = ax.plot(*zip(*front), marker=markers[i % len(markers)], color=color, label=name)
+            handles.setdefault(name, line)
+            for p in front:
+                if labelled.get(p):
+                    ax.annotate(labelled[p], p, textcoords="offset points", xytext=(3, 3), fontsize=6, color=color)
         ax.set_yscale("log")
         ax.set_xlabel(f"R@{k}")
         ax.set_ylabel("queries per second")
-        ax.set_title(f"{title} QPS vs R@{k}".strip())
+        ax.set_title(f"QPS vs R@{k}")
         ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)),
+                   fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * ((len(handles) + 3) // 4), 1, 1))
     fig.savefig(os.fspath(path), dpi=100, format="png")

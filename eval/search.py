@@ -9,7 +9,9 @@ files in resumable parts (a killed build, run again with the same arguments, con
 part; under --distributed every process encodes its slice), fits additive tables to the training codes by least
 squares, and writes a faiss index holding the database's QINCo codes (IVF codecs: IndexIVFResidualQuantizer
 over the codec's IVF centroids; plain codecs: IndexResidualQuantizer, a flat additive scan). --pairwise N also
-fits a pairwise additive decoder of N tables.
+fits a pairwise additive decoder of N tables. The folder carries a copy of the codec (codec/) and records the
+sha256 of index.faiss and paths relative to itself; search checks all of it (README, "Security and failure
+model") and reads files outside the folder only when given as flags (--model, --db, --train).
 
 search: for every nprobe x nshort x pairwise factor, the additive shortlist of nshort (x factor) candidates, the
 pairwise stage (factor > 1), the QINCo decode of the nshort survivors and the exact L2 re-rank; it reports QPS,
@@ -34,13 +36,18 @@ if __package__ in (None, ""):  # `python eval/search.py` from a checkout
 
 import qinco_jax as qj  # noqa: E402
 from eval import baselines, metrics, report  # noqa: E402
-from qinco_jax import data  # noqa: E402
+from qinco_jax import checks, data  # noqa: E402
 from qinco_jax import search as S  # noqa: E402
 from qinco_jax.checks import QincoInputError  # noqa: E402
 
 KS = (1, 10, 100)
+MODEL_COPY = "codec"  # the codec, saved inside the index folder
 COLUMNS = ("method", "nprobe", "nshort", "pf", "qps", "r1", "r10", "r100", "r1_short", "r10_short",
            "t_short_ms", "t_pair_ms", "t_decode_ms", "t_rerank_ms")
+COMPACT = ("method", "nprobe", "nshort", "pf", "qps", "r1", "r10", "r100")  # printed; every column goes to the JSON
+
+
+STAGE: dict = {"what": "starting", "codes": None}  # where a build is, for the message on Ctrl-C
 
 
 def log(msg: str) -> None:
@@ -60,40 +67,57 @@ def int_list(s: str) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="encode the database and build the index")
-    b.add_argument("--model", required=True, help="saved codec directory, training workdir or .pt file")
-    b.add_argument("--db", required=True, help="database vectors (.fvecs .bvecs .fbin .u8bin .npy ...; memory-mapped)")
-    b.add_argument("--train", required=True, help="training vectors for the additive tables")
-    b.add_argument("--nt", type=int, default=100_000, help="use the first nt training vectors (default 100000)")
-    b.add_argument("--out", required=True, help="index folder (created; a rerun resumes the encoding)")
-    b.add_argument("--norm", default="qint8", choices=S.NORMS, help="stored norm encoding (default qint8: 1 byte)")
-    b.add_argument("--hnsw", type=int, default=0, help="HNSW coarse quantizer with this many links (0: flat)")
+    b = sub.add_parser("build", help="encode the database and build the index",
+                       description="Encode the training vectors and the database, fit the additive tables and write "
+                       "the index folder (a rerun with the same arguments resumes an interrupted build).")
+    b.add_argument("--model", required=True, help="saved codec directory, training workdir or .pt file (required)")
+    b.add_argument("--db", required=True, help="database vectors (.fvecs .bvecs .fbin .u8bin .npy ...; memory-mapped) (required)")
+    b.add_argument("--train", required=True, help="training vectors for the additive tables (required)")
+    b.add_argument("--nt", type=int, default=100_000, help="use the first nt training vectors (default: 100000)")
+    b.add_argument("--out", required=True, help="index folder (created; a rerun resumes the encoding) (required)")
+    b.add_argument("--norm", default="qint8", choices=S.NORMS, help="stored norm encoding (default: qint8, 1 byte)")
+    b.add_argument("--hnsw", type=int, default=0, help="HNSW coarse quantizer with this many links (default: 0, a "
+                   "flat coarse quantizer)")
     b.add_argument("--pairwise", type=int, default=0,
-                   help="fit a pairwise additive decoder of at most this many tables (refining the additive tables)")
-    b.add_argument("--pairwise-sub", type=int, default=2, help="IVF sub-codes in the pairwise code pool")
-    b.add_argument("--part-size", type=int, default=S.DEFAULT_PART, help="vectors per resumable part")
-    b.add_argument("--batch-size", type=int, help="vectors per jitted encode call")
+                   help="fit a pairwise additive decoder of at most this many tables, refining the additive tables "
+                   "(default: 0, none)")
+    b.add_argument("--pairwise-sub", type=int, default=2, help="IVF sub-codes in the pairwise code pool (default: 2)")
+    b.add_argument("--part-size", type=int, default=S.DEFAULT_PART,
+                   help=f"vectors per resumable part (default: {S.DEFAULT_PART})")
+    b.add_argument("--batch-size", type=int, help="vectors per jitted encode call (default: the codec's)")
     b.add_argument("--distributed", action="store_true", help="jax.distributed.initialize(); each process "
-                   "encodes its slice, process 0 builds the index")
-    b.add_argument("--no-progress", dest="progress", action="store_false")
-    s = sub.add_parser("search", help="sweep nprobe x nshort and report QPS and recalls")
-    s.add_argument("--index", required=True, help="index folder from `build`")
-    s.add_argument("--model", help="the codec (default: the path recorded at build time)")
-    s.add_argument("--queries", required=True)
-    s.add_argument("--gt", help="ground-truth ids (default: exact search in the raw database)")
-    s.add_argument("--nprobe", type=int_list, default=[1, 4, 16, 64])
-    s.add_argument("--nshort", type=int_list, default=[10, 100, 1000])
+                   "encodes its slice, process 0 builds the index (default: off)")
+    b.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars or lines (default: a bar on a terminal, a line every 10%% or 30 s otherwise)")
+    s = sub.add_parser("search", help="sweep nprobe x nshort and report QPS and recalls",
+                       description="Sweep nprobe x nshort (x pairwise factor) over an index folder and report QPS "
+                       "and recalls; results go to a JSON file and a plot.")
+    s.add_argument("--index", required=True, help="index folder from `build` (required)")
+    s.add_argument("--model", help="the codec (default: the copy the build saved in the index folder)")
+    s.add_argument("--queries", required=True, help="query vectors (.fvecs .bvecs .fbin .u8bin .npy ...) (required)")
+    s.add_argument("--gt", help="ground-truth neighbour ids of the queries (.ivecs .ibin .npy; default: exact "
+                   "search in the raw database given by --db)")
+    s.add_argument("--nprobe", type=int_list, default=[1, 4, 16, 64],
+                   help="inverted lists visited, comma-separated (IVF only; default: 1,4,16,64)")
+    s.add_argument("--nshort", type=int_list, default=[10, 100, 1000],
+                   help="shortlist sizes that QINCo re-ranks, comma-separated (default: 10,100,1000)")
     s.add_argument("--pairwise-factor", type=int_list, default=[1],
-                   help="with a pairwise decoder: the additive stage keeps factor x nshort (1: no pairwise stage)")
-    s.add_argument("--ef-search", type=int, help="efSearch of an HNSW coarse quantizer")
+                   help="with a pairwise decoder: the additive stage keeps factor x nshort, comma-separated "
+                   "(default: 1, no pairwise stage)")
+    s.add_argument("--ef-search", type=int, help="efSearch of an HNSW coarse quantizer (default: faiss's, 16)")
     s.add_argument("--baselines", nargs="?", const=",".join(baselines.SEARCH_BASELINES), metavar="LIST",
-                   help=f"faiss baselines of the same size: {','.join(baselines.SEARCH_BASELINES)} or a subset")
-    s.add_argument("--nt-baselines", type=int, default=100_000, help="training vectors of the baselines")
-    s.add_argument("--ceiling", action="store_true", help="exact search over the fully decoded QINCo database")
-    s.add_argument("--db", help="raw database (baselines, ceiling-free gt; default: the build's)")
-    s.add_argument("--train", help="baseline training vectors (default: the build's)")
-    s.add_argument("--threads", type=int, help="faiss OpenMP threads")
+                   help=f"faiss baselines of the same size: {','.join(baselines.SEARCH_BASELINES)} or a subset "
+                   "(default: none; the flag alone: all)")
+    s.add_argument("--nt-baselines", type=int, default=100_000,
+                   help="training vectors of the baselines (default: 100000)")
+    s.add_argument("--ceiling", action="store_true",
+                   help="also exact search over the fully decoded QINCo database (default: off)")
+    s.add_argument("--db", help="raw database, for the baselines and when there is no --gt (default: none; "
+                   "the build's path is only followed when it lies inside the index folder)")
+    s.add_argument("--train", help="training vectors of the baselines (default: as for --db)")
+    s.add_argument("--threads", type=int, help="faiss OpenMP threads (default: faiss's, all cores)")
     s.add_argument("--out", help="results JSON (default: INDEX/search.json)")
+    s.add_argument("--name", help="dataset name for the plot's title (default: the queries file's name)")
     s.add_argument("--plot", help="QPS-recall PNG (default: the JSON path with .png)")
     return ap
 
@@ -126,8 +150,14 @@ def build(args) -> dict:
     centroids = S.ivf_centroids(codec)
     times = {}
     t0 = time.perf_counter()
+    fp = S.fingerprint(codec)
     for what, x, sub in (("training", xt, "train_codes"), ("database", xb, S.DB_CODES)):
+        STAGE.update(what=f"encoding the {what} vectors", codes=out / sub)
         st = S.codes_status(out / sub) if (out / sub / S.MANIFEST).exists() else None
+        if st and st["manifest"].get("fingerprint") != fp:
+            raise QincoInputError(f"{out} holds {what} codes of another model (codec fingerprint "
+                                  f"{str(st['manifest'].get('fingerprint'))[:12]}, this model's {fp[:12]}): build "
+                                  "into another --out folder, or delete this one")
         if st and st["done"]:
             log(f"{what}: {st['done']:,} of {st['n']:,} vectors already encoded, continuing")
         log(f"encoding {x.shape[0]:,} {what} vectors into {out / sub}")
@@ -141,6 +171,7 @@ def build(args) -> dict:
         multihost_utils.sync_global_devices("qinco_search_encoded")
         if jax.process_index() != 0:
             return {}
+    STAGE.update(what="fitting the tables and writing the index (the encoded codes are kept)", codes=None)
     ct = S.open_codes(out / "train_codes", codec)
     db = S.open_codes(out / S.DB_CODES, codec)
     log(f"least-squares additive tables from {ct.shape[0]:,} training codes")
@@ -173,7 +204,11 @@ def build(args) -> dict:
     if pairwise is not None:
         held["pairwise"] = pairwise.decode(cb)
     mse_db = {k: float(np.mean(np.sum(np.square(v - xh), axis=1))) for k, v in held.items()}
-    info = {"model": os.path.abspath(args.model), "db": os.path.abspath(args.db), "train": os.path.abspath(args.train),
+    model_copy = out / MODEL_COPY
+    if not (model_copy.exists() and S.fingerprint(qj.load(model_copy)) == S.fingerprint(codec)):
+        qj.save(codec, model_copy, overwrite=True)  # the folder carries its codec: moving or sharing it keeps search working
+    info = {"model": MODEL_COPY, "model_source": S.relative_path(out, args.model), "db": S.relative_path(out, args.db),
+            "train": S.relative_path(out, args.train),
             "nt": int(xt.shape[0]), "nb": int(xb.shape[0]), "norm": args.norm, "hnsw": args.hnsw,
             "code_bytes": int(index.code_size), "times": times, "additive_mse_train": mse_train,
             "pairwise_tables": args.pairwise, "pairwise_mse_train": mse_pairwise,
@@ -228,7 +263,6 @@ def qinco_rows(p: S.Pipeline, xq, gt, args) -> list[dict]:
                             (("short", "shortlist"), ("pair", "pairwise"), ("decode", "decode"),
                              ("rerank", "rerank"))})
                 rows.append(row)
-                log(" ".join(f"{k}={report.format_value(k, row.get(k))}" for k in COLUMNS))
                 if pf == 1:  # the same shortlist without the QINCo stage
                     short = {"method": name + " shortlist (no re-rank)", "nprobe": row["nprobe"], "nshort": nshort,
                              "pf": 1, "qps": nq / t["shortlist"], "t_short_ms": row["t_short_ms"]}
@@ -265,7 +299,6 @@ def baseline_rows(names, centroids, M, nbits, xt, xb, xq, gt, args) -> list[dict
                    "t_short_ms": dt * 1e3 / xq.shape[0]}
             row.update(recall_cols(I, gt, max(KS)))
             rows.append(row)
-            log(" ".join(f"{k}={report.format_value(k, row.get(k))}" for k in COLUMNS))
     return rows
 
 
@@ -298,13 +331,42 @@ def best_at_qps(rows: list[dict], k: int = 1, levels=QPS_LEVELS) -> list[dict]:
     return out
 
 
+def check_gt(gt, path, nb: int, nq: int) -> np.ndarray:
+    """Ground truth checked for its kind as well as its shape: ids of distinct neighbours, not vectors."""
+    gt = np.asarray(gt)
+    if gt.dtype.itemsize == 1 and nb > 256:
+        raise QincoInputError(f"--gt {path} holds bytes (dtype {gt.dtype}), which cannot be ids into {nb:,} vectors: "
+                              "a vectors file (.bvecs / .u8bin) given as ground truth?")
+    gt = metrics.check_groundtruth(gt, nb, nq)
+    head = np.sort(gt[:1000, : min(10, gt.shape[1])], axis=1)
+    if gt.shape[1] > 1 and np.mean(np.any(head[:, 1:] == head[:, :-1], axis=1)) > 0.5:
+        raise QincoInputError(f"--gt {path}: most rows repeat an id among their first neighbours, which ground "
+                              "truth never does: a vectors file given as ground truth?")
+    return gt
+
+
+def warn_zero_recall(rows: list[dict]) -> None:
+    """A ground truth that belongs to other queries (or another order) gives zero recall: say so."""
+    qinco = [r for r in rows if r["method"].startswith(("QINCo", "IVF-QINCo")) and "ceiling" not in r["method"]
+             and r.get("r10") is not None]
+    ceiling = next((r for r in rows if "ceiling" in r["method"]), None)
+    if qinco and max(r["r10"] for r in qinco) == 0 and (ceiling is None or ceiling["r10"] > 0):
+        log("warning: R@10 is zero for every setting" + (f" while the ceiling reaches {ceiling['r10']:.3f}"
+                                                           if ceiling else "")
+            + ": is --gt the ground truth of these queries, in the same order, over this database?")
+
+
 def search_cmd(args) -> dict:
     import faiss
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     meta = S.read_index_meta(args.index)
-    model = args.model or meta.get("model")
+    model = args.model or S.folder_path(args.index, meta.get("model"), "model", "--model")
+    if not args.model and not os.path.exists(model):
+        raise QincoInputError(f"{args.index}: the codec saved in the index folder ({model}) is missing; pass --model "
+                              f"PATH (the build used {str(meta.get('model_source', 'an unknown path'))[:200]}, "
+                              "relative to the index folder)")
     codec = qj.load(model)
     p = S.load_pipeline(args.index, codec)
     cfg = codec.config
@@ -313,6 +375,7 @@ def search_cmd(args) -> dict:
         raise QincoInputError(f"the queries ({args.queries}) have dimension {xq.shape[1]}, the index holds "
                               f"d={cfg.d} vectors")
     xq = np.ascontiguousarray(xq, np.float32)
+    checks.finite_chunk(xq, 0, f"the queries ({args.queries})")  # before any long ground-truth pass
     if p.ivf and max(args.nprobe) > p.nlist:
         raise QincoInputError(f"--nprobe {max(args.nprobe)} is larger than the index's number of lists "
                               f"nlist={p.nlist}")
@@ -323,19 +386,21 @@ def search_cmd(args) -> dict:
                               f"{', '.join(baselines.SEARCH_BASELINES)}")
     xb = None
     if names or args.gt is None:
-        xb = data.read_vectors(args.db or meta["db"])
+        db = args.db or S.folder_path(args.index, meta.get("db"), "raw database", "--db")
+        xb = data.read_vectors(db)
         if xb.shape[0] != p.index.ntotal:
-            raise QincoInputError(f"the database {args.db or meta['db']} holds {xb.shape[0]:,} vectors, the index "
+            raise QincoInputError(f"the database {db} holds {xb.shape[0]:,} vectors, the index "
                                   f"{p.index.ntotal:,}")
     if args.gt is None:
         log("no ground truth: exact search in the raw database")
         gt = metrics.exact_groundtruth(xq, xb, max(KS))
     else:
-        gt = metrics.check_groundtruth(data.read_groundtruth(args.gt), p.index.ntotal, xq.shape[0])
+        gt = check_gt(data.read_groundtruth(args.gt), args.gt, p.index.ntotal, xq.shape[0])
     warm_up(codec, p, xq)
     rows = qinco_rows(p, xq, gt, args)
     if names:
-        xt = data.read_vectors(args.train or meta["train"])
+        xt = data.read_vectors(args.train or S.folder_path(args.index, meta.get("train"), "training vectors",
+                                                            "--train"))
         xt = np.ascontiguousarray(xt[: min(args.nt_baselines, xt.shape[0])], np.float32)
         nbits = int(round(np.log2(cfg.K)))
         rows += baseline_rows(names, S.ivf_centroids(codec), cfg.M, nbits, xt, xb, xq, gt, args)
@@ -348,7 +413,9 @@ def search_cmd(args) -> dict:
            "faiss_threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count()}
     out = Path(args.out) if args.out else Path(args.index) / "search.json"
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
-    print(report.format_table(rows, COLUMNS))
+    warn_zero_recall(rows)
+    print(report.format_table([r for r in rows if "no re-rank" not in r["method"]], COMPACT))
+    print(f"({len(rows)} settings; per-stage times and the shortlists' recalls are in the JSON)")
     for k in (1, 10):
         res[f"best_r{k}_at_qps"] = best_at_qps(rows, k)
         print(f"\nbest R@{k} at a given QPS or more:")
@@ -358,7 +425,9 @@ def search_cmd(args) -> dict:
         curves.setdefault(r["method"], []).append(r)
     try:
         plot.parent.mkdir(parents=True, exist_ok=True)
-        report.plot_qps_recall(curves, plot, title=f"{p.index.ntotal:,} vectors,")
+        name = args.name or Path(args.queries).stem
+        report.plot_qps_recall(curves, plot, title=f"{name}: {p.index.ntotal:,} vectors, {meta.get('code_bytes')} "
+                               f"bytes per code, {faiss.omp_get_max_threads()} threads (labels: nprobe, nshort)")
         res["plot"] = str(plot.absolute())
     except RuntimeError as e:
         log(f"no plot: {e}")
@@ -373,6 +442,23 @@ def main(argv=None) -> None:
         build(args) if args.cmd == "build" else search_cmd(args)
     except (QincoInputError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted_at(args)}", file=sys.stderr)
+        sys.exit(130)
+
+
+def interrupted_at(args) -> str:
+    """One line on where a command stopped and how to go on."""
+    if args.cmd != "build":
+        return "the search was stopped; nothing was written"
+    where = STAGE["what"]
+    if STAGE["codes"] is not None:
+        try:
+            st = S.codes_status(STAGE["codes"])
+            where += f" ({st['done']:,} of {st['n']:,} rows finished)"
+        except (QincoInputError, OSError):
+            pass
+    return f"stopped while {where}; run the same command again to resume (finished parts are kept)"
 
 
 if __name__ == "__main__":

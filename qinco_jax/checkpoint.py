@@ -21,6 +21,7 @@ import numpy as np
 
 from qinco_jax import limits as limits_mod
 from qinco_jax.checks import CheckpointError, QincoInputError, short
+from qinco_jax.files import umask_mode
 from qinco_jax.codec import Codec, Norm, param_shapes
 from qinco_jax.limits import Limits
 from qinco_jax.config import VARIANTS, QincoConfig
@@ -95,6 +96,7 @@ def save(codec: Codec, path, *, overwrite: bool = False) -> str:
     recover_save(path)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes 0700: colleagues could not read the codec
         _write(codec, tmp, params)
         if os.path.exists(path):
             old = tmp + ".old"
@@ -143,7 +145,7 @@ def _refuse_constant(name: str):
     raise ValueError(f"the non-finite number {name} is not allowed")
 
 
-def read_json(path: str, limits: Limits = limits_mod.DEFAULT, what: str = "metadata file") -> dict:
+def read_checkpoint_json(path: str, limits: Limits = limits_mod.DEFAULT, what: str = "metadata file") -> dict:
     """A small JSON object from a regular file: size, depth and finite numbers checked."""
     f = open_regular(path, limits.max_json_bytes, what)
     try:
@@ -163,7 +165,7 @@ def read_json(path: str, limits: Limits = limits_mod.DEFAULT, what: str = "metad
 
 
 def _read_meta(path: str, limits: Limits = limits_mod.DEFAULT) -> dict:
-    meta = read_json(os.path.join(path, META), limits, META)
+    meta = read_checkpoint_json(os.path.join(path, META), limits, META)
     if meta.get("format") not in (FORMAT, PQ_FORMAT):
         raise CheckpointError(f"{path}: unknown codec format {short(meta.get('format'))} in {META} (expected {FORMAT!r})")
     return meta
@@ -353,6 +355,13 @@ def _load_dir(path: str, limits: Limits = limits_mod.DEFAULT) -> Codec:
         raise CheckpointError(f"{path}: inconsistent checkpoint: {e}") from None
 
 
+def _probed(codec, path: str):
+    from qinco_jax.probe import refuse_overflow
+
+    refuse_overflow(codec, path)
+    return codec
+
+
 def load(path) -> Codec:
     """Load a codec from a saved directory, a training workdir (its best model) or an official .pt file.
 
@@ -361,16 +370,16 @@ def load(path) -> Codec:
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, META)):
-            return _load_dir(path)
+            return _probed(_load_dir(path), path)
         if os.path.exists(os.path.join(path, BEST, META)):
-            return _load_dir(os.path.join(path, BEST))
+            return _probed(_load_dir(os.path.join(path, BEST)), path)
         raise CheckpointError(f"{path} is a directory but holds no saved codec ({META}) nor a training run's {BEST}/")
     with open_regular(path, limits_mod.DEFAULT.max_file_bytes) as f:  # FIFOs and devices are never read
         head = f.read(4)
     if head.startswith(b"PK") or path.endswith((".pt", ".pth")):
         from qinco_jax.ptload import load_pt_codec
 
-        return load_pt_codec(path)
+        return load_pt_codec(path)  # probed there
     raise CheckpointError(f"{path} is not a qinco_jax codec directory nor a PyTorch QINCo checkpoint")
 
 

@@ -47,7 +47,10 @@ def encodable_chunk(chunk: np.ndarray, offset: int, scale: float = 1.0, what: st
     """Raise naming the first row (global index) that is NaN / inf or whose squared norm, divided by
     scale**2, overflows float32 (such rows would get meaningless codes and an infinite error)."""
     finite_chunk(chunk, offset, what)
-    sq = np.einsum("ij,ij->i", chunk, chunk, dtype=np.float64) / (float(scale) ** 2)
+    if not float(np.finfo(np.float32).tiny) < float(scale) < MAX_SQ_NORM ** 0.5:
+        raise QincoInputError(f"the codec's data scale {float(scale):.3g} is outside the range float32 can use: "
+                              "its codes would be meaningless (a damaged or hand-made checkpoint?)")
+    sq = np.einsum("ij,ij->i", chunk, chunk, dtype=np.float64) / float(scale) / float(scale)  # no scale**2 overflow
     bad = np.flatnonzero(~(sq < MAX_SQ_NORM))
     if bad.size:
         i = int(bad[0])

@@ -32,6 +32,7 @@ def write_json(path, obj) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode(0o666))  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=_json_default)
             f.write("\n")
@@ -40,6 +41,13 @@ def write_json(path, obj) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def umask_mode(mode: int) -> int:
+    """mode as the process's umask lets it be (what open() and mkdir() give, not tempfile's 0600 / 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
 
 
 def _depth(obj) -> int:
@@ -93,3 +101,90 @@ def read_bounded_json(path, what: str, *, max_bytes: int = MAX_JSON_BYTES, max_d
     if not isinstance(obj, dict):
         raise QincoInputError(f"{what}: {path} holds a JSON {type(obj).__name__}, expected an object")
     return obj
+
+
+MAX_NPZ_BYTES = 4 << 30
+
+
+def read_npz(path, what: str, members: dict, required=(), *, max_bytes: int = MAX_NPZ_BYTES,
+             check_shapes=None) -> dict:
+    """The arrays of an .npz archive, each checked from the archive's headers before anything is inflated.
+
+    members maps each allowed array name to (dtype, ndim). The archive must be a regular file; every entry
+    must be one of them (stored or deflated), its .npy header must give that dtype and ndim (no object arrays,
+    no pickles), its declared size must equal the header's shape times the item size, and all declared sizes
+    together must stay within max_bytes; check_shapes({name: shape}), if given, may refuse the shapes (raising
+    QincoInputError) before any data is inflated. Inflating never goes past a declared size (zipfile stops
+    there and checks the CRC), so memory stays bounded whatever the file claims. A QincoInputError names
+    `what` and the entry otherwise.
+    """
+    import zipfile
+
+    path = os.fspath(path)
+    fd = open_regular(path, what)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            z = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise QincoInputError(f"{what}: {path} is not an .npz archive ({e})") from None
+        with z:
+            infos = z.infolist()
+            if len(infos) > len(members):
+                raise QincoInputError(f"{what}: {path} holds {len(infos):,} entries, at most {len(members)} expected")
+            names = [i.filename[:-4] if i.filename.endswith(".npy") else i.filename for i in infos]
+            unknown = sorted(set(names) - set(members))
+            missing = sorted(set(required) - set(names))
+            if unknown or missing or len(set(names)) != len(names):
+                raise QincoInputError(f"{what}: {path} has entries {sorted(names)[:10]}; expected "
+                                      f"{sorted(required)} and optionally {sorted(set(members) - set(required))}")
+            if sum(i.file_size for i in infos) > max_bytes:
+                raise QincoInputError(f"{what}: {path} declares {sum(i.file_size for i in infos):,} bytes of "
+                                      f"arrays, over the budget of {max_bytes:,}")
+            heads = {n: _npy_entry(z, i, members[n], f"{what}: {path}: {n}") for n, i in zip(names, infos)}
+            if check_shapes is not None:
+                check_shapes({n: h[0] for n, h in heads.items()})
+            return {n: _npy_entry(z, i, members[n], f"{what}: {path}: {n}", read=True) for n, i in zip(names, infos)}
+
+
+def open_regular(path: str, what: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise QincoInputError(f"{what}: cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QincoInputError(f"{what}: {path} is not a regular file")
+    return fd
+
+
+def _npy_entry(z, info, spec: tuple, where: str, read: bool = False):
+    """(shape, header bytes) of a .npy entry, checked against spec (dtype, ndim); with read, its array."""
+    import zipfile
+
+    dtype, ndim = np.dtype(spec[0]), spec[1]
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise QincoInputError(f"{where}: compression method {info.compress_type} (expected stored or deflated)")
+    try:
+        with z.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version != (1, 0):  # what np.save writes for these arrays; 2.0 headers may claim 4 GB
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran, got = np.lib.format.read_array_header_1_0(f, max_header_size=10000)
+            start = f.tell()
+            if got != dtype or len(shape) != ndim or fortran:
+                raise QincoInputError(f"{where}: a {got} array of shape {shape} (fortran order {fortran}); "
+                                      f"expected {dtype} with {ndim} dimensions")
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if start + nbytes != info.file_size:
+                raise QincoInputError(f"{where}: the header's shape {shape} needs {nbytes:,} bytes, the entry "
+                                      f"declares {info.file_size - start:,}")
+            if not read:
+                return shape, start
+            raw = f.read(nbytes)
+    except QincoInputError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError, RuntimeError) as e:
+        raise QincoInputError(f"{where}: unreadable ({str(e)[:200]})") from None
+    if len(raw) != nbytes:
+        raise QincoInputError(f"{where}: {len(raw):,} bytes where the header needs {nbytes:,}")
+    return np.frombuffer(raw, dtype).reshape(shape).copy()

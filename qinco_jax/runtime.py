@@ -256,7 +256,7 @@ def encode_with_error(codec: Codec, x, *, beam: int | None = None, candidates: i
     for start, (c, e) in _pipelined(n, step, launch, progress, "encode", devs):
         stop = min(n, start + step)
         codes[start:stop] = c[: stop - start]
-        err[start:stop] = e[: stop - start].astype(np.float64) * codec.scale**2
+        err[start:stop] = e[: stop - start].astype(np.float64) * codec.scale * codec.scale
     return codes, err
 
 

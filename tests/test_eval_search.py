@@ -48,7 +48,8 @@ def _search(files, index, *extra):
 
 @pytest.fixture(scope="module")
 def swept(files, built):
-    return _search(files, built, "--nshort", f"10,{NB}", "--pairwise-factor", "1,3", "--baselines", "--ceiling")
+    return _search(files, built, "--nshort", f"10,{NB}", "--pairwise-factor", "1,3", "--baselines", "--ceiling",
+                   "--db", str(files["db"]), "--train", str(files["train"]))
 
 
 def check_sweep_values(rows: list[dict]) -> None:
@@ -138,3 +139,75 @@ def test_interrupted_codes_refused_then_resumed(files, tmp_path):
     codec = qj.load(files["root"] / "codec")
     np.testing.assert_array_equal(S.open_codes(out / S.DB_CODES, codec), qj.encode(codec, files["ds"].xb))
     assert os.path.exists(out / S.INDEX_FAISS)
+
+
+def test_moved_index_folder_searches_with_its_own_codec(files, built, tmp_path):
+    """The build saves the codec inside the folder and records paths relative to it: a moved (or shared)
+    folder still searches; recorded paths that lead out are not followed unless given as flags."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(built, moved)
+    meta = S.read_index_meta(moved)
+    assert meta["model"] == "codec" and not os.path.isabs(meta["db"])
+    res = _search(files, moved, "--nshort", "10")
+    assert res["rows"] and all(r["r10"] > 0.2 for r in res["rows"] if r["method"] == "QINCo")
+    shutil.rmtree(moved / "codec")
+    with pytest.raises(SystemExit, match="pass --model"):
+        _search(files, moved)
+    with pytest.raises(SystemExit, match="outside the index folder.*pass --db"):
+        cli.main(["search", "--index", str(built), "--queries", str(files["queries"]), "--out", str(tmp_path / "r.json")])
+
+
+def test_search_refuses_a_vectors_file_as_gt_and_nan_queries_first(files, built, tmp_path):
+    with pytest.raises(SystemExit, match="integer ids|vectors file"):
+        cli.main(["search", "--index", str(built), "--queries", str(files["queries"]), "--gt", str(files["queries"])])
+    u8 = tmp_path / "q.u8bin"
+    data.write_vectors(u8, np.clip(files["ds"].xq[:, :], 0, 255).astype(np.uint8))
+    with pytest.raises(SystemExit, match="vectors file"):
+        cli.main(["search", "--index", str(built), "--queries", str(files["queries"]), "--gt", str(u8)])
+    nan_q = tmp_path / "nan.fvecs"
+    xq = files["ds"].xq.copy()
+    xq[3, 2] = np.nan
+    data.write_vectors(nan_q, xq)
+    with pytest.raises(SystemExit, match="NaN"):  # before the exact ground-truth pass (no --gt, no --db)
+        cli.main(["search", "--index", str(built), "--queries", str(nan_q)])
+
+
+def test_zero_recall_warns(capsys):
+    rows = [{"method": "QINCo", "r10": 0.0}, {"method": "QINCo decoded, exact search (ceiling)", "r10": 0.9}]
+    cli.warn_zero_recall(rows)
+    assert "R@10 is zero for every setting while the ceiling reaches 0.900" in capsys.readouterr().err
+    cli.warn_zero_recall([{"method": "QINCo", "r10": 0.1}] + rows[1:])
+    cli.warn_zero_recall([{"method": "QINCo", "r10": 0.0}, {**rows[1], "r10": 0.0}])  # the ceiling is zero too
+    assert capsys.readouterr().err == ""
+
+
+def test_build_into_another_models_folder_and_ctrl_c(files, built, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit, match="codes of another model.*another --out"):
+        cli.main(["build", "--model", str(files["root"] / "other"), "--db", str(files["db"]), "--train",
+                  str(files["train"]), "--out", str(built), "--no-progress"])
+    assert "continuing" not in capsys.readouterr().err
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "lstsq_tables", interrupt)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["build", "--model", str(files["root"] / "codec"), "--db", str(files["db"]), "--train",
+                  str(files["train"]), "--out", str(tmp_path / "i"), "--no-progress"])
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert "stopped while fitting the tables" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit, match="interrupted before the index was written.*resume"):
+        cli.main(["search", "--index", str(tmp_path / "i"), "--queries", str(files["queries"])])
+
+
+def test_help_gives_every_default():
+    for cmd in ("build", "search"):
+        text = cli.parser()._subparsers._group_actions[0].choices[cmd].format_help()
+        for action in cli.parser()._subparsers._group_actions[0].choices[cmd]._actions:
+            if action.option_strings and action.dest != "help":
+                assert "default" in (action.help or "") or "(required)" in (action.help or ""), action.dest
+        assert "--nprobe" in text or cmd == "build"

@@ -42,3 +42,23 @@ def test_refusals(tmp_path):
         bad.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(QincoInputError, match=match):
             read_bounded_json(bad, "test file")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Atomic writes go through mkstemp / mkdtemp (0600 / 0700); the result has the mode open() would give."""
+    import qinco_jax as qj
+    from qinco_jax.files import write_json
+
+    from conftest import random_codec
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        qj.save(random_codec(), tmp_path / "codec")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "codec").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        write_json(tmp_path / "b.json", {"x": 1})
+        assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

@@ -124,7 +124,8 @@ def test_ivf_cli_build_and_sweep(ivf_setup, tmp_path):
               "--out", str(tmp_path / "idx"), "--hnsw", "4", "--no-progress"])
     out = tmp_path / "res.json"
     cli.main(["search", "--index", str(tmp_path / "idx"), "--queries", str(files["q"]), "--nprobe", "1,8",
-              "--nshort", "5,50", "--baselines", "--ceiling", "--out", str(out)])
+              "--nshort", "5,50", "--baselines", "--ceiling", "--out", str(out), "--db", str(files["db"]),
+              "--train", str(files["train"])])
     rows = json.loads(out.read_text())["rows"]
     methods = {r["method"] for r in rows}
     assert {"IVF-QINCo", "IVF-QINCo shortlist (no re-rank)", "IVF8,RQ3x4_Nqint8"} <= methods

@@ -120,3 +120,20 @@ def test_two_processes_equal_one_process(tmp_path):
     assert "8 device(s) over 2 process(es)" in outs[0]
     for x, y in zip(_leaves(qj.load(tmp_path / "single")), _leaves(qj.load(tmp_path / "multi"))):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_says_where_it_stopped(tmp_path, monkeypatch, capsys):
+    from train import loop
+    from train import main as train_main
+
+    def interrupt(cfg):
+        os.makedirs(os.path.join(cfg.workdir, "checkpoints", "4"), exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run", interrupt)
+    with pytest.raises(SystemExit) as info:
+        train_main.main(["--workdir", str(tmp_path / "run"), "--epochs", "10"])
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: " in err and "checkpoint after epoch 5" in err and "run the same command again" in err
+    assert "Traceback" not in err

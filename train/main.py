@@ -191,6 +191,24 @@ def main(argv=None) -> None:
         pq.run(cfg) if cfg.pq else loop.run(cfg)
     except (QincoInputError, FileExistsError, FileNotFoundError, ValueError, TrainingError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted_at(cfg.workdir)}; run the same command again (or add --resume) to "
+              "continue from there", file=sys.stderr)
+        sys.exit(130)
+
+
+def interrupted_at(workdir) -> str:
+    """Where a run stopped: its last finished epoch checkpoint (orbax keeps one folder per epoch)."""
+    if not workdir:
+        return "no workdir, nothing was kept"
+    folder = os.path.join(workdir, "checkpoints")
+    try:
+        epochs = [int(e) for e in os.listdir(folder) if e.isdigit()]
+    except OSError:
+        epochs = []
+    if not epochs:
+        return f"no epoch had finished ({workdir} holds no checkpoint yet; a rerun starts from the beginning)"
+    return f"{workdir} keeps a checkpoint after epoch {max(epochs) + 1}"
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ into this package's layout (qinco_jax.model):
 
 from __future__ import annotations
 
+import os
+
 from qinco_jax.checks import CheckpointError
 from qinco_jax.codec import Codec
 from qinco_jax.ptload.qinco2 import convert_qinco2
+from qinco_jax.probe import refuse_overflow
 from qinco_jax.ptload.v1 import convert, convert_pq
 from qinco_jax.unpickler import ModuleRecord, read_objects
 
@@ -54,7 +57,10 @@ def load_pt_codec(path):
     obj = read_objects(path)
     kind = family(obj)
     if kind == "pq":
-        return convert_pq(obj)
-    if kind == "qinco2":
-        return Codec(*convert_qinco2(obj))
-    return Codec(*convert(obj))
+        codec = convert_pq(obj)
+    elif kind == "qinco2":
+        codec = Codec(*convert_qinco2(obj))
+    else:
+        codec = Codec(*convert(obj))
+    refuse_overflow(codec, os.fspath(path))  # finite but extreme weights: decode would give inf / NaN
+    return codec

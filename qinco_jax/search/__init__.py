@@ -25,14 +25,15 @@ Modules, each importing only those before it:
   index     the faiss index over QINCo codes (new_index, add_codes, faiss code layouts)
   pairwise  the pairwise additive decoder (PairwiseDecoder, train_pairwise, ivf_subcodes)
   pipeline  Pipeline, search: shortlist, pairwise stage, QINCo re-rank
-  folder    index folders (save_index, read_index_meta, load_pipeline)
+  faiss_file  index.faiss as untrusted input: its records walked before faiss reads it, its codes checked
+  folder    index folders (save_index, read_index_meta, load_pipeline, folder_path)
 This package only re-exports their public names.
 """
 
 from qinco_jax.search.common import (code_dtype, fingerprint, ivf_centroids, nlist_of, num_codes, require_flat,
                                      require_ivf)
 from qinco_jax.search.folder import (DB_CODES, INDEX_FAISS, INDEX_FORMAT, INDEX_META, PAIRWISE, TABLES,
-                                     load_pipeline, read_index_meta, save_index)
+                                     folder_path, load_pipeline, read_index_meta, relative_path, save_index)
 from qinco_jax.search.index import NORMS, add_codes, decode_listnos, new_index, pack_codes, unpack_codes
 from qinco_jax.search.pairwise import SHRINKS, PairwiseDecoder, ivf_subcodes, train_pairwise
 from qinco_jax.search.pipeline import RERANK_BUDGET, Pipeline, SearchResult, search
@@ -68,6 +69,7 @@ __all__ = [
     "decode_listnos",
     "encode_database",
     "fingerprint",
+    "folder_path",
     "ivf_centroids",
     "ivf_subcodes",
     "load_pipeline",
@@ -79,6 +81,7 @@ __all__ = [
     "pack_codes",
     "process_slice",
     "read_index_meta",
+    "relative_path",
     "require_flat",
     "require_ivf",
     "save_index",

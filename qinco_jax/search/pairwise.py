@@ -11,10 +11,14 @@ import numpy as np
 from qinco_jax import checks
 from qinco_jax.checks import QincoInputError
 from qinco_jax.progress import Progress
-from qinco_jax.search.common import split_codes
+from qinco_jax.files import MAX_NPZ_BYTES, read_npz
+from qinco_jax.search.common import ivf_centroids, split_codes
 from qinco_jax.search.tables import additive_decode, sum_rows_by_label, targets
 
 SHRINKS = (0.5, 2.0, 8.0, 32.0)
+_MEMBERS = {"pairs": ("<i8", 2), "sizes": ("<i8", 1), "tables": ("<f4", 2), "offsets": ("<i8", 1),
+            "centroids": ("<f4", 2), "ivf_subcodes": ("<i8", 2), "base": ("<f4", 3)}
+MAX_PAIRS, MAX_POOL = 4096, 1024
 
 
 @dataclasses.dataclass
@@ -63,9 +67,80 @@ class PairwiseDecoder:
         os.replace(os.fspath(path) + ".tmp", os.fspath(path))
 
     @classmethod
-    def load(cls, path) -> "PairwiseDecoder":
-        with np.load(os.fspath(path), allow_pickle=False) as z:
-            return cls(**{k: z[k] for k in z.files})
+    def load(cls, path, codec=None, *, max_bytes: int = MAX_NPZ_BYTES) -> "PairwiseDecoder":
+        """A decoder saved by `save`, checked: the archive's entries, dtypes and shapes from its headers before
+        anything is inflated (within max_bytes), then every offset, pair and sub-code range, and (given the
+        codec) M, K, d and the IVF centroids. A QincoInputError names the file and the problem otherwise."""
+        what = "pairwise decoder"
+        a = read_npz(path, what, _MEMBERS, ("pairs", "sizes", "tables", "offsets"), max_bytes=max_bytes,
+                     check_shapes=lambda shapes: _check_shapes(shapes, codec, f"{what}: {os.fspath(path)}"))
+        pw = cls(**a)
+        problem = pw._problem(codec)
+        if problem:
+            raise QincoInputError(f"{what}: {os.fspath(path)}: {problem}; rebuild it with `eval/search.py build "
+                                  "--pairwise N`")
+        return pw
+
+    def _problem(self, codec) -> str | None:
+        """What makes this decoder unusable (for the codec, if given), or None."""
+        P, pool, (rows, d) = self.pairs.shape[0], self.sizes.shape[0], self.tables.shape
+        if P < 1 or self.pairs.shape[1] != 2 or self.offsets.shape != (P + 1,):
+            return f"pairs {self.pairs.shape} and offsets {self.offsets.shape} do not match"
+        if (self.centroids is None) != (self.ivf_subcodes is None):
+            return "centroids and ivf_subcodes come together"
+        M = pool - (0 if self.ivf_subcodes is None else self.ivf_subcodes.shape[1])
+        if M < 1 or self.sizes.min() < 1 or self.sizes.max() > 1 << 16:
+            return f"code ranges {self.sizes[:8].tolist()} out of [1, 65536] (pool of {pool})"
+        if self.pairs.min() < 0 or self.pairs.max() >= pool or np.any(self.pairs[:, 0] == self.pairs[:, 1]):
+            return f"pairs outside the code pool of {pool} positions"
+        cells = self.sizes[self.pairs[:, 0]] * self.sizes[self.pairs[:, 1]]
+        if self.offsets[0] != 0 or np.any(np.diff(self.offsets) != cells) or self.offsets[-1] != rows:
+            return f"offsets {self.offsets[:8].tolist()} are not the running sum of the pairs' cells ({rows} rows)"
+        if self.centroids is not None:
+            nlist = self.centroids.shape[0]
+            if self.ivf_subcodes.shape[0] != nlist or self.centroids.shape[1] != d:
+                return f"centroids {self.centroids.shape} and sub-codes {self.ivf_subcodes.shape} do not match"
+            if self.ivf_subcodes.size and (self.ivf_subcodes.min() < 0
+                                           or np.any(self.ivf_subcodes >= self.sizes[M:])):
+                return "IVF sub-codes outside their code ranges"
+        if self.base is not None and self.base.shape[0] != M:
+            return f"base tables {self.base.shape} for M={M}"
+        for name in ("tables", "centroids", "base"):
+            v = getattr(self, name)
+            if v is not None and not np.isfinite(v).all():
+                return f"{name} holds NaN or inf"
+        if codec is not None:
+            cfg = codec.config
+            if (M, d) != (cfg.M, cfg.d) or np.any(self.sizes[:M] != cfg.K):
+                return f"made for M={M}, d={d}, K={self.sizes[:M].tolist()}; the codec has M={cfg.M}, d={cfg.d}, K={cfg.K}"
+            if self.base is not None and self.base.shape != (cfg.M, cfg.K, cfg.d):
+                return f"base tables {self.base.shape} for a codec of (M, K, d) = {(cfg.M, cfg.K, cfg.d)}"
+            cent = ivf_centroids(codec)
+            if (cent is None) != (self.centroids is None) or (cent is not None and not np.array_equal(
+                    cent, self.centroids)):
+                return "its IVF centroids are not the codec's"
+        return None
+
+
+def _check_shapes(shapes: dict, codec, where: str) -> None:
+    """Bounds on the shapes of a saved decoder, checked before its arrays are inflated."""
+    P = shapes["pairs"][0]
+    rows, d = shapes["tables"]
+    pool = shapes["sizes"][0]
+    cfg = getattr(codec, "config", None)
+    cells = cfg.K * cfg.K if cfg is not None else 1 << 24
+    problem = None
+    if not 1 <= P <= MAX_PAIRS or shapes["pairs"][1] != 2 or shapes["offsets"] != (P + 1,):
+        problem = f"pairs {shapes['pairs']} and offsets {shapes['offsets']}: expected (P, 2) and (P + 1,), P <= {MAX_PAIRS}"
+    elif pool > MAX_POOL or rows > P * cells or (cfg is not None and d != cfg.d):
+        problem = f"tables {shapes['tables']} for {P} pairs over a pool of {pool} codes"
+    elif cfg is not None and shapes.get("base", (cfg.M, cfg.K, cfg.d)) != (cfg.M, cfg.K, cfg.d):
+        problem = f"base tables {shapes['base']} for a codec of (M, K, d) = {(cfg.M, cfg.K, cfg.d)}"
+    elif "centroids" in shapes and (shapes["centroids"][0] > 1 << 24 or shapes["centroids"][1] != d or
+                                    shapes.get("ivf_subcodes", (0, 0))[0] != shapes["centroids"][0]):
+        problem = f"centroids {shapes['centroids']} and sub-codes {shapes.get('ivf_subcodes')}"
+    if problem:
+        raise QincoInputError(f"{where}: {problem}")
 
 
 def ivf_subcodes(centroids: np.ndarray, n_sub: int, K: int, seed: int = 0) -> tuple[np.ndarray, int]:

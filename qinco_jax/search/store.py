@@ -103,8 +103,7 @@ def encode_database(codec, x, out_dir, *, part_size: int = DEFAULT_PART, process
     done = _rows_done(ppath) if os.path.exists(ppath) else lo
     if not lo <= done <= hi:
         raise QincoInputError(f"{ppath} records {done} rows done, outside this process's slice [{lo}, {hi})")
-    with Progress(hi - lo, desc=f"encode p{r}", enabled=progress) as bar:
-        bar.update(done - lo)
+    with Progress(hi - lo, desc=f"encode p{r}", enabled=progress, initial=done - lo) as bar:  # rate: new rows only
         for start in range(done, hi, part_size):
             stop = min(hi, start + part_size)
             codes[start:stop] = qj.encode(codec, x[start:stop], batch_size=batch_size)

@@ -27,19 +27,19 @@ def run_record(label: str, workdir: str, name: str) -> dict:
     from train.report import read_metrics
 
     rows = read_metrics(workdir, log=lambda *a: None)
-    if not rows:
-        raise ValueError(f"{workdir}: no epoch in metrics.jsonl")
+    trained = [r for r in rows if not r.get("initial")]  # epoch 0 of today's runs is the initial model
+    if not trained:
+        raise ValueError(f"{workdir}: no trained epoch in metrics.jsonl")
     summary = read_bounded_json(os.path.join(workdir, "summary.json"), "run summary")
     table = read_bounded_json(os.path.join(workdir, f"eval_{name}.json"), "evaluation")["table"]
     ev = dict(table[0])
-    ev.update(method=label, epochs=len(rows), train_s_per_epoch=sum(r["seconds"] for r in rows) / len(rows))
-    return {
-        "label": label,
-        "workdir": workdir,
-        "curve": {"epoch": [0] + [r["epoch"] + 1 for r in rows],
-                  "val_mse": [summary["val_mse_init"]] + [r["val_mse"] for r in rows]},
-        "row": ev,
-    }
+    ev.update(method=label, epochs=len(trained), train_s_per_epoch=sum(r["seconds"] for r in trained) / len(trained))
+    if len(trained) < len(rows):
+        curve = {"epoch": [r["epoch"] for r in rows], "val_mse": [r["val_mse"] for r in rows]}
+    else:  # a run written before epoch 0 was the initial model: its epochs counted from 0
+        curve = {"epoch": [0] + [r["epoch"] + 1 for r in rows],
+                 "val_mse": [summary["val_mse_init"]] + [r["val_mse"] for r in rows]}
+    return {"label": label, "workdir": workdir, "curve": curve, "row": ev}
 
 
 def baseline_rows(workdir: str, name: str) -> list[dict]:

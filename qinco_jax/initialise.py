@@ -77,10 +77,12 @@ NORM_NT = 100_000  # QINCo2 normalisation statistics come from the first 100k tr
 
 
 def mean_std(xt) -> Norm:
-    """QINCo2's normalisation (spec 3.4): per-dimension mean, one scalar std over all entries."""
+    """QINCo2's normalisation (spec 3.4): per-dimension mean, and one scalar std that is the original's
+    numpy `x.std()`: the spread of all entries around their global mean (not around each dimension's
+    mean, which is smaller when the dimensions' means differ)."""
     x = np.asarray(xt[:NORM_NT], np.float64)
     mean = x.mean(axis=0)
-    std = float(np.sqrt(np.mean(np.square(x - mean))))
+    std = float(x.std())
     if not np.isfinite(std) or std <= 0:
         raise checks.QincoInputError(f"the training data's standard deviation is {std}; it must be positive")
     return Norm(mean.astype(np.float32), std)

@@ -16,7 +16,10 @@ and the decoded reconstructions of those codes (`*_ref.npz`).
 QINCo2 checkpoints are what the official QINCo2 training writes (spec 1.5): a dict holding the
 model's state_dict ("model", names such as steps.{m}.concat.mlp.weight), the optimizer and
 scheduler states, "parameters" and "data_dim". The torch modules below carry those names and
-shapes; their step math and beam search (spec 1.1, 2.1) give the reference codes.
+shapes; their step math and beam search (spec 1.1, 2.1) give the reference codes. IVF-QINCo2
+(parameters ivf_in_use, ivf_K) has the original's IVFBook as steps.0 (a frozen ivf_centroids table
+in the normalised space) and M networked steps after it; its encode keeps one beam after the IVF
+step and pre-selects max(A, B) candidates at the first networked step (spec 2.1, 5.1).
 """
 
 from __future__ import annotations
@@ -304,30 +307,52 @@ class Step0(nn.Module):
         self.register_buffer("xtarget_var", torch.ones(D))
 
 
-class QINCo2(nn.Module):
-    """data_mean / data_std buffers and the steps, as the official model's state_dict names them."""
+class IVFBook(nn.Module):
+    """The original's IVF step: a frozen table of ivf_K centroids (state_dict: steps.0.ivf_centroids.weight)."""
 
-    def __init__(self, D, K, M, L, de, dh, A):
+    def __init__(self, ivf_K, D):
+        nn.Module.__init__(self)
+        self.ivf_centroids = nn.Embedding(ivf_K, D)
+        self.ivf_centroids.requires_grad_(False)
+
+    @property
+    def table(self):
+        return self.ivf_centroids.weight
+
+
+class QINCo2(nn.Module):
+    """data_mean / data_std buffers and the steps, as the official model's state_dict names them.
+    ivf_K > 0: IVF-QINCo2, the IVF step then M networked steps (steps.1 .. steps.M)."""
+
+    def __init__(self, D, K, M, L, de, dh, A, ivf_K=0):
         nn.Module.__init__(self)
         self.register_buffer("data_mean", torch.zeros(D))
         self.register_buffer("data_std", torch.ones(()))
-        self.steps = nn.ModuleList([Step0(K, D)] + [QINCo2Step(D, K, L, de, dh, A) for _ in range(1, M)])
+        first = IVFBook(ivf_K, D) if ivf_K else Step0(K, D)
+        n_net = M if ivf_K else M - 1
+        self.ivf = bool(ivf_K)
+        self.steps = nn.ModuleList([first] + [QINCo2Step(D, K, L, de, dh, A) for _ in range(n_net)])
+
+    def table0(self):
+        return self.steps[0].table if self.ivf else self.steps[0].codebook.weight
 
     def encode(self, x, A, B):
-        """Beam search with pre-selection (spec 2.1) on normalised x; returns (codes, xhat)."""
-        K = self.steps[0].codebook.weight.shape[0]
+        """Beam search with pre-selection (spec 2.1) on normalised x; returns (codes, xhat).
+        IVF: the nearest centroid (one beam), then max(A, B) candidates at the first networked step."""
+        K = self.steps[-1].codebook.weight.shape[0]
         M = len(self.steps)
-        d0 = ((x[:, None, :] - self.steps[0].codebook.weight[None]) ** 2).sum(-1)
-        F = 1 if M == 1 else min(B, K)
+        d0 = ((x[:, None, :] - self.table0()[None]) ** 2).sum(-1)
+        F = 1 if M == 1 or self.ivf else min(B, K)
         codes = d0.topk(F, dim=1, largest=False).indices[:, :, None]
-        xhat = self.steps[0].codebook.weight[codes[:, :, 0]]
+        xhat = self.table0()[codes[:, :, 0]]
         n = x.shape[0]
         for m in range(1, M):
             step = self.steps[m]
             r = x[:, None, :] - xhat
             if A:
                 pre = step.substep.codebook.weight
-                ids = ((r[:, :, None, :] - pre[None, None]) ** 2).sum(-1).topk(A, dim=2, largest=False).indices
+                n_codes = max(A, B) if self.ivf and m == 1 else A
+                ids = ((r[:, :, None, :] - pre[None, None]) ** 2).sum(-1).topk(n_codes, dim=2, largest=False).indices
             else:
                 ids = torch.arange(K).expand(n, xhat.shape[1], K)
             Fin, nc = ids.shape[1], ids.shape[2]
@@ -343,23 +368,29 @@ class QINCo2(nn.Module):
         return codes[:, 0], xhat[:, 0]
 
     def decode(self, codes):
-        xhat = self.steps[0].codebook.weight[codes[:, 0]]
+        xhat = self.table0()[codes[:, 0]]
         for m in range(1, codes.shape[1]):
             xhat = xhat + self.steps[m].f(self.steps[m].codebook.weight[codes[:, m]], xhat)
         return xhat
 
 
-def make_qinco2(out_dir, name, D, K, M, L, de, dh, A, B, n=40, seed=0, ddp=False):
+def make_qinco2(out_dir, name, D, K, M, L, de, dh, A, B, n=40, seed=0, ddp=False, ivf_K=0):
     """A QINCo2 checkpoint dict as the official training writes it, and the torch reference codes."""
     torch.manual_seed(seed)
-    model = QINCo2(D, K, M, L, de, dh, A)
+    model = QINCo2(D, K, M, L, de, dh, A, ivf_K)
     with torch.no_grad():
         for p in model.parameters():  # trained-looking weights: no zero blocks, codebooks of scale 1
-            p.copy_(torch.randn_like(p) * (1.0 if p.dim() == 2 and p.shape[1] == D and p.shape[0] == K else 0.3))
+            p.copy_(torch.randn_like(p) * (1.0 if p.dim() == 2 and p.shape[1] == D and p.shape[0] in (K, ivf_K)
+                                           else 0.3))
+        if ivf_K:  # centroids spread wider than the steps' codewords, as an IVF table is
+            model.steps[0].ivf_centroids.weight.mul_(3.0)
         model.data_mean.copy_(torch.randn(D) * 5)
         model.data_std.fill_(3.5)
     gen = torch.Generator().manual_seed(seed + 1)
-    codes0 = torch.randint(0, K, (n, M), generator=gen)
+    ncodes = M + 1 if ivf_K else M
+    codes0 = torch.randint(0, K, (n, ncodes), generator=gen)
+    if ivf_K:
+        codes0[:, 0] = torch.randint(0, ivf_K, (n,), generator=gen)
     with torch.no_grad():
         xn = model.decode(codes0) + 0.3 * torch.randn(n, D, generator=gen)
         codes, xhat = model.encode(xn, A, B)
@@ -376,14 +407,17 @@ def make_qinco2(out_dir, name, D, K, M, L, de, dh, A, B, n=40, seed=0, ddp=False
     if ddp:
         state = type(state)((f"module.{k}", v) for k, v in state.items())
     params = {"K": K, "M": M, "L": L, "de": de, "dh": dh, "A": A, "B": B}
+    if ivf_K:
+        params.update(ivf_in_use=True, ivf_K=ivf_K)
     ckpt = {"epoch": 3, "model": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "logger": {"cur_step": 12, "best_mse": 0.5, "best_mse_epoch": 2, "last_lr": 8e-4},
             "parameters": params, "data_dim": D}
     torch.save(ckpt, os.path.join(out_dir, f"{name}.pt"))
     np.savez(os.path.join(out_dir, f"{name}_ref.npz"), x=x_raw.numpy().astype(np.float32), codes=codes.numpy(),
              greedy_codes=greedy.numpy(), recon=(recon * model.data_std + model.data_mean).numpy().astype(np.float32),
-             config=np.array([D, K, M, L, de, dh, A, B], np.int64))
-    print(f"{name}: QINCo2 D={D} K={K} M={M} L={L} de={de} dh={dh} A={A} B={B}, codes[0]={codes[0].tolist()}")
+             config=np.array([D, K, M, L, de, dh, A, B, ivf_K], np.int64))
+    print(f"{name}: QINCo2 D={D} K={K} M={M} L={L} de={de} dh={dh} A={A} B={B} ivf_K={ivf_K}, "
+          f"codes[0]={codes[0].tolist()}")
 
 
 def main():
@@ -406,6 +440,8 @@ def main():
     qinco2 = {
         "qinco2_tiny": dict(D=8, K=16, M=3, L=2, de=6, dh=10, A=4, B=3),
         "qinco2_ddp_tiny": dict(D=8, K=16, M=3, L=1, de=8, dh=12, A=0, B=1, seed=2, ddp=True),
+        # B > A: the first networked step after the IVF keeps max(A, B) = 5 candidates of its one beam
+        "qinco2_ivf_tiny": dict(D=8, K=16, M=2, L=1, de=6, dh=10, A=4, B=5, seed=3, ivf_K=40, n=64),
     }
     for name, kw in qinco2.items():
         if args.only in (None, name):

@@ -106,7 +106,9 @@ def test_compare_runs(tmp_path, capsys):
     res = json.loads(out.read_text())
     row, rec = res["table"][0], res["runs"][0]
     assert row["mse"] == ev["table"][0]["mse"] and row["r10"] == ev["table"][0]["r10"] and row["epochs"] == 2
-    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["initial"] and rows[0]["epoch"] == 0  # epoch 0 is the initial model
+    metrics = rows[1:]
     assert row["train_s_per_epoch"] == pytest.approx(np.mean([m["seconds"] for m in metrics]))
     summary = json.loads((run / "summary.json").read_text())
     assert rec["curve"] == {"epoch": [0, 1, 2], "val_mse": [summary["val_mse_init"]] + [m["val_mse"] for m in metrics]}

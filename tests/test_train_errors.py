@@ -87,6 +87,7 @@ BAD_FLAGS = [
     (["--seed", "-1"], "--seed -1"), (["--rq-beam-size", "0"], "--rq-beam-size 0"),
     (["--num-processes", "2", "--process-id", "2"], "--process-id 2"), (["--db", "x.fvecs"], "only used with --train"),
     (["--dataset", "sift1M", "--train", "x.fvecs"], "either --dataset or --train"),
+    (["--init", "rq_exact"], "--init 'rq_exact': must be one of ('default', 'rq-exact')"),
 ]
 
 

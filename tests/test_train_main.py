@@ -48,7 +48,8 @@ def test_main_job_writes_its_outputs(tmp_path):
     out = p.stdout
     assert "faiss RQ, beam 1" in out and "QINCo (best epoch" in out
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]  # epoch 0: the initial model
+    assert rows[0]["initial"] and rows[0]["train_loss"] is None
     for r in rows:
         assert {"epoch", "lr", "train_loss", "val_mse", "seconds"} <= set(r)
     assert rows[-1]["val_mse"] < rows[0]["val_mse"]
@@ -80,13 +81,13 @@ def test_resume_after_sigkill_gives_the_same_result(tmp_path):
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("epoch   0"):
+        if line.startswith("epoch   1"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) < 4  # it really was cut short
+    assert len(rows) < 5  # it really was cut short
     p = _train(tmp_path / "killed", "--epochs", "4", "--resume")
     assert "resuming" in p.stdout
     a = json.loads((tmp_path / "straight" / "summary.json").read_text())

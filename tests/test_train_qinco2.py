@@ -34,8 +34,8 @@ def test_qinco2_run_outputs(tmp_path):
     assert cfg["preset"] == "qinco2-S" and cfg["variant"] == "qinco2" and cfg["lr"] == 8e-4
     assert (cfg["de"], cfg["h"], cfg["A"], cfg["B"]) == (24, 16, 4, 3)  # flags override the preset
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert rows[0]["lr"] > rows[-1]["lr"]  # the cosine decays within the run
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]  # epoch 0: the initial model
+    assert rows[1]["lr"] > rows[-1]["lr"]  # the cosine decays within the run
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["val_mse_init"] > min(r["val_mse"] for r in rows)
     codec = qj.load(tmp_path / "run")
@@ -49,7 +49,7 @@ def test_qinco2_resume_after_sigkill_gives_the_same_result(tmp_path):
            "--epochs", "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(2))
     for line in proc.stdout:
-        if line.startswith("epoch   0"):
+        if line.startswith("epoch   1"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)

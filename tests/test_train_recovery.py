@@ -96,7 +96,7 @@ def test_killed_at_many_instants_then_continued(tmp_path):
     marks = _marks(straight.stdout)
     total, begin, end = marks["CALLS"], marks["CKPT 0 BEGIN"], marks["CKPT 0 END"]
     epochs, vals, summary = _result(tmp_path / "straight")
-    assert epochs == list(range(EPOCHS))
+    assert epochs == list(range(EPOCHS + 1))  # epoch 0: the initial model
     second = marks["CKPT 1 BEGIN"]
     # before the first checkpoint (while the first best codec is saved), inside the first checkpoint
     # write, at its last step, inside the second epoch's save of the best codec, and in the summary
@@ -142,4 +142,4 @@ def test_leftovers_of_a_killed_start_are_cleaned(tmp_path):
     assert "starting the run from the beginning" in again.stdout
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["best", "checkpoints", "config.json", "metrics.jsonl", "summary.json"] + ["training.png"] * PLOTS)
-    assert os.listdir(run / "checkpoints") == ["0"]
+    assert sorted(os.listdir(run / "checkpoints")) == ["0", "1"]  # the initial model and epoch 1

@@ -1,6 +1,10 @@
 """The epochs of a training run: one pass over the training vectors (train_epoch), its checks, and
 what follows it (end_of_epoch: validation, the plateau schedule, the best codec, metrics and the
-checkpoint), repeated by `fit` until --epochs or until the learning rate falls below the minimum."""
+checkpoint), repeated by `fit` until --epochs or until the learning rate falls below the minimum.
+
+Epoch 0 is the initial model, before any step: it is validated, written to metrics.jsonl and
+exported as the best codec so far, so that the exported codec is never worse on validation than the
+quantizer the run started from. Trained epochs are numbered 1 .. --epochs."""
 
 from __future__ import annotations
 
@@ -58,14 +62,16 @@ def _global_batch(xt, idx: np.ndarray, batch: int, norm: qj.Norm):
 
 
 def batch_lr(cfg: TrainConfig, mcfg: qj.QincoConfig, lr: float, epoch: int, i: int, nbatch: int) -> float:
-    """The step size of batch i: QINCo v1's epoch lr, or QINCo2's warm-up + cosine at epoch + (i+1)/nbatch."""
+    """The step size of batch i of trained epoch `epoch` (1, 2, ...): QINCo v1's epoch lr, or QINCo2's
+    warm-up + cosine at the fractional epoch (epoch - 1) + (i+1)/nbatch (the original counts from 0)."""
     if mcfg.variant != "qinco2":
         return lr
-    return cfg.lr * recipe.lr_factor(epoch + (i + 1) / nbatch, cfg.epochs)
+    return cfg.lr * recipe.lr_factor(epoch - 1 + (i + 1) / nbatch, cfg.epochs)
 
 
 def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, lr: float, norm: qj.Norm):
-    """One pass over xt in (seed, epoch)-shuffled global batches; returns (mean batch loss, host state).
+    """Trained epoch `epoch` (1, 2, ...): one pass over xt in (seed, epoch - 1)-shuffled global batches
+    (the original's epoch index counts from 0); returns (mean batch loss, host state).
 
     QINCo2: the step size follows the schedule batch by batch, and codewords unused during the epoch
     (counted over all devices) are reset at its end (spec 3.6).
@@ -78,7 +84,7 @@ def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, l
     losses, pending, stats = [], None, None
     show = cfg.progress and jax.process_index() == 0
     with Progress(nbatch, desc=f"epoch {epoch}", enabled=show) as bar:
-        for i, idx in enumerate(data.batches(nt, cfg.batch_size, cfg.seed, epoch)):
+        for i, idx in enumerate(data.batches(nt, cfg.batch_size, cfg.seed, epoch - 1)):
             x, w = _global_batch(xt, idx, cfg.batch_size, norm)
             out = step(dev_state, *training.shard_batch(x, w, n_local), batch_lr(cfg, mcfg, lr, epoch, i, nbatch))
             dev_state, loss = out[:2]
@@ -92,7 +98,7 @@ def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, l
         bar.update(1, loss=float(np.mean(losses)))
     state = training.unreplicate(dev_state)
     if v2:
-        params, _ = recipe.reset_dead_codes(mcfg, state.params, jax.device_get(stats), cfg.seed, epoch)
+        params, _ = recipe.reset_dead_codes(mcfg, state.params, jax.device_get(stats), cfg.seed, epoch - 1)
         state = state._replace(params=params)
     return float(np.mean(losses)), state
 
@@ -110,41 +116,52 @@ def check_finite(epoch: int, loss: float, params) -> None:
         )
 
 
-def end_of_epoch(cfg, ds, state: LoopState, epoch, train_loss, lr, t0, workdir, ckpts, log) -> LoopState:
-    """Validate, step the plateau schedule, keep the best codec, log and checkpoint."""
+def end_of_epoch(cfg, ds, state: LoopState, epoch, train_loss, lr, t0, workdir, ckpts, log, val=None) -> LoopState:
+    """Validate, step the plateau schedule, keep the best codec, log and checkpoint.
+
+    Epoch 0 is the initial model (train_loss and lr None; val may be given, already computed): it is
+    the first candidate for the best codec, but it does not enter the plateau schedule, which starts
+    from the first trained epoch as the original v1's does.
+    """
     mcfg = cfg.model(ds.d)
     meta = state.meta
     codec = qj.Codec(mcfg, state.train.params, meta.norm())
-    val = val_mse(codec, ds.xval)
+    val = val_mse(codec, ds.xval) if val is None else val
     if not math.isfinite(val):
         raise TrainingError(f"epoch {epoch}: the validation MSE is {val}. Training diverged; try a lower --lr.")
     v1 = mcfg.variant != "qinco2"  # QINCo2 follows its schedule, not the plateau
-    pl = jax.device_get(training.plateau().update({}, state.plateau, value=val)[1]) if v1 else state.plateau
+    trained = epoch > 0
+    pl = state.plateau
+    if v1 and trained:
+        pl = jax.device_get(training.plateau().update({}, state.plateau, value=val)[1])
     best = meta.best_val is None or val <= meta.best_val
     meta = meta._replace(epoch=epoch)
     if best:
         meta = meta._replace(best_val=val, best_epoch=epoch)
     row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_mse": val, "seconds": time.time() - t0, "best": best}
+    if not trained:
+        row["initial"] = True  # the model before any step
     if jax.process_index() == 0:
         if best:
             qj.save(codec, os.path.join(workdir, BEST), overwrite=True)
         with open(os.path.join(workdir, METRICS), "a") as f:
             f.write(json.dumps(row) + "\n")
     next_lr = cfg.lr * float(pl.scale) if v1 else lr
-    meta = meta._replace(stopped=v1 and next_lr < training.MIN_LR)
+    meta = meta._replace(stopped=v1 and trained and next_lr < training.MIN_LR)
     state = LoopState(state.train, pl, meta)
     ckpts.save(epoch, state.arrays(), meta._asdict())
-    log(f"epoch {epoch:3d}  lr {lr:.1e}  train loss {train_loss:.6g}  val MSE {val:.6g}"
-        f"{'  (best)' if best else ''}  {row['seconds']:.1f}s")
-    if next_lr < lr and not meta.stopped:
+    what = f"lr {lr:.1e}  train loss {train_loss:.6g}" if trained else "initial model, before any step"
+    log(f"epoch {epoch:3d}  {what}  val MSE {val:.6g}{'  (best)' if best else ''}  {row['seconds']:.1f}s")
+    if trained and next_lr < lr and not meta.stopped:
         log(f"val MSE did not improve for {training.PLATEAU_PATIENCE} epochs: lr -> {next_lr:.1e}")
     return state
 
 
 def fit(cfg: TrainConfig, ds: data.Dataset, state: LoopState, workdir, ckpts, log) -> LoopState:
-    """Epochs until --epochs or until the learning rate falls below the minimum."""
+    """Trained epochs 1 .. --epochs (after the initial model's epoch 0), or until the learning rate
+    falls below the minimum."""
     mcfg = cfg.model(ds.d)
-    for epoch in range(state.meta.epoch + 1, cfg.epochs):
+    for epoch in range(state.meta.epoch + 1, cfg.epochs + 1):
         if state.meta.stopped:
             break
         lr = cfg.lr * float(state.plateau.scale)

@@ -18,7 +18,7 @@ import qinco_jax as qj
 from qinco_jax import checks, data, faiss_ops, training
 from qinco_jax.checkpoint import TrainCheckpoints
 from train.config import TrainConfig
-from train.epochs import LoopState, fit, val_mse
+from train.epochs import LoopState, end_of_epoch, fit, val_mse
 from train.report import read_metrics, show_finished, summarize
 from train.workdir import CENTROIDS, METRICS, SUMMARY, RunMeta, clear_attempt, finished, prepare_workdir
 
@@ -69,8 +69,13 @@ def ivf_setup(cfg: TrainConfig, ds: data.Dataset) -> tuple[TrainConfig, np.ndarr
     return cfg, None
 
 
-def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir: str | None = None) -> LoopState:
-    """RQ-initialised codec (IVF: after the centroids) and the loop state before the first epoch."""
+def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir: str | None = None,
+                ckpts: TrainCheckpoints | None = None) -> LoopState:
+    """RQ-initialised codec (IVF: after the centroids) and the loop state before the first trained epoch.
+
+    With ckpts (and workdir), the initial model is recorded as epoch 0: a metrics row, the best codec
+    so far and a checkpoint (a run killed during epoch 1 resumes from it, without a new initialisation).
+    """
     mcfg = cfg.model(ds.d)
     if mcfg.nlist and centroids is None:
         t0 = time.time()
@@ -78,17 +83,31 @@ def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir
         log(f"IVF: k-means of {mcfg.nlist} centroids done in {time.time() - t0:.1f}s")
     if mcfg.nlist and workdir is not None and jax.process_index() == 0:
         np.save(os.path.join(workdir, CENTROIDS), np.asarray(centroids, np.float32))
-    t0 = time.time()
+    t_init = t0 = time.time()
     codec = qj.init_codec(mcfg, ds.xt, seed=cfg.seed, rq_beam_size=cfg.rq_beam_size, centroids=centroids,
                           rq_nt=cfg.rq_nt, init=cfg.init)
     what = f"IVF{mcfg.nlist} + RQ on the residuals" if mcfg.nlist else "RQ"
     log(f"{what} {mcfg.M}x{int(np.log2(mcfg.K))} (beam {cfg.rq_beam_size}) initialisation done in {time.time() - t0:.1f}s; "
         f"data scale {codec.scale:.6g}; {mcfg.num_params():,} trainable parameters")
     val0 = val_mse(codec, ds.xval)
-    log(f"before optimisation: val MSE {val0:.6g}")
+    if ckpts is None:
+        log(f"before optimisation: val MSE {val0:.6g}")
     shift = None if codec.shift is None else [float(v) for v in codec.shift]
-    meta = RunMeta(epoch=-1, scale=codec.scale, best_val=None, best_epoch=None, val0=val0, stopped=False, shift=shift)
-    return LoopState(training.init_state(codec.params, mcfg), training.plateau().init(codec.params), meta)
+    meta = RunMeta(epoch=-1, scale=codec.scale, best_val=None, best_epoch=None, val0=val0, stopped=False, shift=shift,
+                   initial_epoch=True)
+    state = LoopState(training.init_state(codec.params, mcfg), training.plateau().init(codec.params), meta)
+    if ckpts is None:
+        return state
+    return end_of_epoch(cfg, ds, state, 0, None, None, t_init, workdir, ckpts, log, val=val0)
+
+
+def renumbered(meta: RunMeta) -> RunMeta:
+    """The metadata of a checkpoint written before epoch 0 was the initial model (its epochs counted
+    trained epochs from 0) in today's numbering; anything else as it is."""
+    if meta.initial_epoch:
+        return meta
+    best = None if meta.best_epoch is None else meta.best_epoch + 1
+    return meta._replace(epoch=meta.epoch + 1, best_epoch=best, initial_epoch=True)
 
 
 def restore(cfg: TrainConfig, ds: data.Dataset, ckpts: TrainCheckpoints, workdir: str, log) -> LoopState | None:
@@ -100,13 +119,17 @@ def restore(cfg: TrainConfig, ds: data.Dataset, ckpts: TrainCheckpoints, workdir
     for epoch in sorted(ckpts.steps(), reverse=True):
         try:
             arrays, meta = ckpts.restore(template, epoch)
-            meta = RunMeta(**{k: meta[k] for k in RunMeta._fields if k in meta or k not in RunMeta._field_defaults})
+            meta = renumbered(RunMeta(**{k: meta[k] for k in RunMeta._fields
+                                         if k in meta or k not in RunMeta._field_defaults}))
         except Exception as e:  # a damaged checkpoint: fall back to the one before
             log(f"checkpoint of epoch {epoch} in {workdir} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
                 "trying an earlier one")
             continue
         if jax.process_index() == 0:
             rows = read_metrics(workdir, log)
+            if rows and not rows[0].get("initial"):  # a run numbered by trained epochs from 0: renumber it
+                rows = [{"epoch": 0, "lr": None, "train_loss": None, "val_mse": meta.val0, "seconds": 0.0,
+                         "best": False, "initial": True}] + [{**r, "epoch": r["epoch"] + 1} for r in rows]
             keep = [r for r in rows if r["epoch"] <= meta.epoch]
             with open(os.path.join(workdir, METRICS + ".tmp"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -139,7 +162,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
             clear_attempt(workdir)
             if cfg.resume:  # a restart: the centroids as a new run would get them
                 cfg, centroids = ivf_setup(cfg, ds)
-            state = fresh_start(cfg, ds, log, centroids, workdir)
+            state = fresh_start(cfg, ds, log, centroids, workdir, ckpts)
         elif finished(cfg, state.meta) and os.path.exists(os.path.join(workdir, SUMMARY)):
             return show_finished(cfg, ds, state, workdir, log)
         else:

@@ -69,15 +69,17 @@ def plot_metrics(rows: list[dict], path: str, baselines: dict | None = None) -> 
     import matplotlib.pyplot as plt
 
     ep = [r["epoch"] for r in rows]
+    trained = [r for r in rows if r.get("train_loss") is not None]  # epoch 0, the initial model, has none
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [r["train_loss"] for r in rows], "o-")
+    a.plot([r["epoch"] for r in trained], [r["train_loss"] for r in trained], "o-")
     a.set(xlabel="epoch", ylabel="train loss (scaled, summed over steps)", title="training loss", yscale="log")
     b.plot(ep, [r["val_mse"] for r in rows], "o-", color="C1")
     for i, (name, value) in enumerate((baselines or {}).items()):
         b.axhline(value, ls="--", color=f"C{i + 2}", label=name)
     if baselines:
         b.legend()
-    b.set(xlabel="epoch", ylabel="validation MSE (raw units)", title="validation MSE", yscale="log")
+    b.set(xlabel="epoch (0: before training)", ylabel="validation MSE (raw units)", title="validation MSE",
+          yscale="log")
     for ax in (a, b):
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -91,7 +93,8 @@ def summary_table(res: dict, n_val: int, mcfg: qj.QincoConfig) -> list[str]:
     """The end-of-run lines: validation MSE of (IVF-)QINCo and the faiss baselines, in aligned columns."""
     name = "IVF-QINCo" if mcfg.nlist else "QINCo"
     base = res.get("baseline", "faiss RQ")
-    rows = [(f"{name} (best epoch {res['best_epoch']})", res["qinco_val_mse"], "")]
+    when = ", before training" if res["best_epoch"] == 0 else ""  # epoch 0 is the initial model
+    rows = [(f"{name} (best epoch {res['best_epoch']}{when})", res["qinco_val_mse"], "")]
     for beam in (1, 5):
         if f"rq_beam{beam}_val_mse" not in res:  # --baseline-nt 0
             continue
@@ -139,7 +142,7 @@ def show_finished(cfg: TrainConfig, ds: data.Dataset, state: LoopState, workdir:
     with open(os.path.join(workdir, SUMMARY)) as f:
         res = json.load(f)
     mcfg = cfg.model(ds.d)
-    log(f"{workdir} holds a finished run ({state.meta.epoch + 1} epochs); nothing to do. Its results:")
+    log(f"{workdir} holds a finished run ({state.meta.epoch} epochs); nothing to do. Its results:")
     for line in summary_table(res, ds.xval.shape[0], mcfg):
         log(line)
     log(f"best codec: {os.path.join(workdir, BEST)}  (qinco_jax.load('{workdir}'))")

@@ -25,13 +25,14 @@ BEST = checkpoint.BEST
 class RunMeta(NamedTuple):
     """What a run knows besides its arrays (saved as JSON beside every training checkpoint)."""
 
-    epoch: int  # last completed epoch (-1 before the first)
+    epoch: int  # last completed epoch: 0 once the initial model is evaluated, then 1 .. --epochs (-1 before)
     scale: float
     best_val: float | None
     best_epoch: int | None
     val0: float  # validation MSE before optimisation
     stopped: bool  # the learning rate fell below training.MIN_LR
     shift: list | None = None  # QINCo2's per-dimension mean (normalisation); None for QINCo v1
+    initial_epoch: bool = False  # epoch 0 is the initial model (False: a run numbered from 0 by trained epochs)
 
     def norm(self) -> qj.Norm:
         """The run's normalisation (QINCo v1: the data scale; QINCo2: mean and std)."""
@@ -77,4 +78,4 @@ def clear_attempt(workdir: str) -> None:
 
 def finished(cfg: TrainConfig, meta: RunMeta) -> bool:
     """The run trained its --epochs, or stopped when the learning rate fell below the minimum."""
-    return meta.stopped or meta.epoch >= cfg.epochs - 1
+    return meta.stopped or meta.epoch >= cfg.epochs

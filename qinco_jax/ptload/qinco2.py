@@ -1,7 +1,9 @@
 """Official QINCo2 checkpoints (.pt) -> (QincoConfig, params, Norm), without torch.
 
 The QINCo2 training writes `torch.save({"model": state_dict, "parameters": {K, M, L, de, dh, A, B,
-...}, "data_dim": D, "optimizer": ..., ...})` (spec 1.5). `qinco_jax.unpickler` reads the archive
+...}, "data_dim": D, "optimizer": ..., ...})` (spec 1.5). IVF-QINCo2 files (parameters `ivf_in_use`,
+`ivf_K`) hold the frozen IVF table as steps.0.ivf_centroids.weight (ivf_K, D), in the normalised
+space like every codebook, followed by M networked steps steps.1 .. steps.M. `qinco_jax.unpickler` reads the archive
 into plain containers and numpy arrays (no code from the file runs); this module checks the
 state_dict tensor by tensor against the architecture the parameters declare and converts it to
 this package's layout (qinco_jax.model): torch Linear weights (out, in) become kernels (in, out).
@@ -37,20 +39,23 @@ def _config(obj: dict) -> tuple[QincoConfig, bool]:
     params = obj["parameters"]
     if not isinstance(params, dict):
         raise CheckpointError(f"the checkpoint's 'parameters' is {short(params)}, expected a dict")
-    if params.get("ivf_in_use"):
-        raise CheckpointError("this is an IVF-QINCo2 checkpoint (ivf_in_use); only non-IVF QINCo2 models are supported")
     D = _int_param(obj, "data_dim")
+    nlist = 0
+    if params.get("ivf_in_use"):  # IVF-QINCo2: M networked steps after the IVF table
+        nlist = _int_param(params, "ivf_K")
+        if nlist < 1:
+            raise CheckpointError(f"invalid architecture in the checkpoint: ivf_K = {nlist}, expected >= 1")
     K, M, L = (_int_param(params, k) for k in ("K", "M", "L"))
     de, dh = _int_param(params, "de", D), _int_param(params, "dh")
     A, B = _int_param(params, "A", 0), _int_param(params, "B", 1)
     qinco1_mode = bool(params.get("qinco1_mode", False))
     try:
         if qinco1_mode:  # the v1 architecture (no outer skip, de = D, no pre-selection) in QINCo2's names
-            cfg = QincoConfig(d=D, K=K, M=M, L=L, h=dh, variant="qinco1", A=0, B=B)
+            cfg = QincoConfig(d=D, K=K, M=M, L=L, h=dh, variant="qinco1", A=0, B=B, nlist=nlist)
             if de != D or A:
                 raise CheckpointError(f"qinco1_mode with de={de}, A={A}: expected de = D = {D} and A = 0")
         else:
-            cfg = QincoConfig(d=D, K=K, M=M, L=L, h=dh, variant="qinco2", de=de, A=A, B=B)
+            cfg = QincoConfig(d=D, K=K, M=M, L=L, h=dh, variant="qinco2", de=de, A=A, B=B, nlist=nlist)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid architecture in the checkpoint: {e}") from None
     limits.check_config(cfg, "the checkpoint")
@@ -87,6 +92,20 @@ def _step(t: StateDictTensors, cfg: QincoConfig, m: int) -> dict:
     return out
 
 
+IVF_TABLE = "steps.0.ivf_centroids.weight"
+
+
+def _ivf_table(t: StateDictTensors, cfg: QincoConfig) -> np.ndarray:
+    """The frozen IVF centroids (ivf_K, data_dim), normalised as the file stores them."""
+    table = t.state.get(IVF_TABLE)
+    want = (cfg.nlist, cfg.d)
+    if isinstance(table, np.ndarray) and table.shape != want:
+        raise CheckpointError(
+            f"tensor {IVF_TABLE} has shape {table.shape}, but the checkpoint declares ivf_K = {cfg.nlist} centroids "
+            f"of data_dim = {cfg.d}: expected {want}")
+    return t.get(IVF_TABLE, want)
+
+
 def _norm(t: StateDictTensors, D: int) -> Norm:
     mean = t.state.get("data_mean")
     if isinstance(mean, np.ndarray) and mean.size == D and mean.shape != (D,):
@@ -105,9 +124,12 @@ def convert_qinco2(obj: dict) -> tuple[QincoConfig, dict, Norm]:
     try:
         cfg, _ = _config(obj)
         t = StateDictTensors(_state_dict(obj), BUFFERS)
-        params = {"codebook0": t.get("steps.0.codebook.weight", (cfg.K, cfg.d))}
-        t.used.add("steps.0.substep.codebook.weight")  # older files carry an unused one on step 0
-        for m in range(1, cfg.M):
+        if cfg.nlist:
+            params = {"codebook0": _ivf_table(t, cfg)}
+        else:
+            params = {"codebook0": t.get("steps.0.codebook.weight", (cfg.K, cfg.d))}
+            t.used.add("steps.0.substep.codebook.weight")  # older files carry an unused one on step 0
+        for m in range(1, cfg.num_codes):
             params[f"step_{m}"] = _step(t, cfg, m)
         norm = _norm(t, cfg.d)
         t.check_all_used()

@@ -149,3 +149,15 @@ def test_same_ivf_command_again_continues(tmp_path):
     with pytest.raises(SystemExit) as e:
         train_main.config_from_args(["--ivf-centroids", "other.npy", "--workdir", str(tmp_path)])
     assert "--ivf-centroids 'c.npy' there, 'other.npy' here" in str(e.value.code)
+
+
+def test_rq_exact_learning_rate_rule(tmp_path):
+    """QINCo v1 from the exact RQ start gets its own default learning rate; an explicit --lr and the QINCo2
+    presets' own rate win."""
+    from train.config import RQ_EXACT_V1_LR
+
+    base = ["--train", "x.fvecs", "--workdir", str(tmp_path / "w")]
+    assert train_main.config_from_args(base).lr == 1e-3
+    assert train_main.config_from_args(base + ["--init", "rq-exact"]).lr == RQ_EXACT_V1_LR
+    assert train_main.config_from_args(base + ["--init", "rq-exact", "--lr", "2e-3"]).lr == 2e-3
+    assert train_main.config_from_args(base + ["--init", "rq-exact", "--model", "qinco2-S"]).lr == 8e-4

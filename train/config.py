@@ -138,6 +138,7 @@ MODEL_PRESETS = {
     "qinco2-L": dict(variant="qinco2", L=16, de=384, h=384, A=16, B=32, M=8, K=256, lr=8e-4),
 }
 INITS = ("default", "rq-exact")
+RQ_EXACT_V1_LR = 3e-4  # QINCo v1 from the exact RQ start: 1e-3 first moves it uphill (README, "Training")
 
 
 def preset_fields(name: str) -> dict:

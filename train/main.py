@@ -23,7 +23,7 @@ import sys
 if __package__ in (None, ""):  # `python train/main.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.config import DEMO, MODEL_PRESETS, TrainConfig, flag, preset_fields  # noqa: E402
+from train.config import DEMO, MODEL_PRESETS, RQ_EXACT_V1_LR, TrainConfig, flag, preset_fields  # noqa: E402
 
 _REAL = TrainConfig()
 
@@ -73,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--opq", action="store_true", default=None,
                    help="PQ-QINCo: a faiss OPQ rotation before the split (default: off)")
     g = ap.add_argument_group("recipe")
-    g.add_argument("--lr", type=float, help="Adam learning rate " + _default("lr"))
+    g.add_argument("--lr", type=float, help="Adam learning rate " + _default("lr")[:-1]
+                   + f"; {RQ_EXACT_V1_LR:g} for QINCo v1 with --init rq-exact)")
     g.add_argument("--batch-size", type=int, help="global batch, a multiple of the device count " + _default("batch_size"))
     g.add_argument("--epochs", type=int, help="maximum number of epochs " + _default("epochs"))
     g.add_argument("--seed", type=int, help="seed of the initialisation and the batch order " + _default("seed"))
@@ -165,7 +166,10 @@ def config_from_args(argv=None) -> TrainConfig:
                  "settings; these flags differ from it: " + ", ".join(clash))
         return checked(TrainConfig(**{**saved, **{k: v for k, v in args.items() if k in RESUMABLE}, "workdir": workdir}))
     preset = preset_fields(args["preset"]) if args.get("preset") else {}
-    cfg = checked(TrainConfig(**{**({} if real_data else DEMO), **preset, **args}))
+    start = {}
+    if args.get("init") == "rq-exact" and "lr" not in args and preset.get("variant", "qinco1") != "qinco2":
+        start["lr"] = RQ_EXACT_V1_LR  # measured: 1e-3 climbs away from the exact RQ start (README, "Training")
+    cfg = checked(TrainConfig(**{**({} if real_data else DEMO), **preset, **start, **args}))
     if saved is None:
         return cfg
     clash = _differences(saved, cfg.to_dict())

@@ -228,3 +228,15 @@ def test_pipeline_hnsw_coarse_and_bad_input(ivf_pipeline):
     other = SC.build_lists(np.concatenate([p.db_codes, p.db_codes[:5]]), p.tables, S.ivf_centroids(p.codec))
     with pytest.raises(QincoInputError, match="the scan lists .* do not match the index"):
         S.Pipeline(p.codec, p.index, p.tables, p.db_codes, lists=other)
+
+
+def test_lists_built_in_chunks_equal_a_whole_sort():
+    """The two-pass counting sort over chunks gives the stable sort by list of the whole database."""
+    T, cent, codes, _ = setup()
+    whole = SC.build_lists(codes, T, cent, chunk=codes.shape[0])
+    order = np.argsort(codes[:, 0], kind="stable")
+    assert np.array_equal(whole.ids, order) and np.array_equal(whole.codes, codes[order, 1:])
+    for chunk in (1, 7, 64):
+        part = SC.build_lists(codes, T, cent, chunk=chunk)
+        for f in ("offsets", "codes", "ids", "term"):
+            np.testing.assert_array_equal(getattr(part, f), getattr(whole, f))

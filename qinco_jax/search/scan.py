@@ -116,20 +116,28 @@ def build_lists(codes, tables: np.ndarray, centroids: np.ndarray | None = None, 
         raise QincoInputError(f"codes must be (n, {want}) for these tables (M={M}"
                               f"{', list id first' if centroids is not None else ''}), got shape {codes.shape}")
     nlist = 1 if centroids is None else centroids.shape[0]
-    lists = np.zeros(n, np.int64)
-    steps = np.empty((n, M), dt)
-    tval = np.empty(n, np.float32)
+    # a counting sort in two passes over chunks: memory is the output (n x (M code bytes + 12)) and one chunk
+    counts = np.zeros(nlist, np.int64)
+    for i in range(0, n, chunk):
+        _, l = split_codes(np.asarray(codes[i:i + chunk]), K, centroids)
+        counts += np.bincount(l, minlength=nlist) if l is not None else min(chunk, n - i)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    steps, ids, tval = np.empty((n, M), dt), np.empty(n, np.int64), np.empty(n, np.float32)
+    cursor = offsets[:-1].copy()
     for i in range(0, n, chunk):
         c, l = split_codes(np.asarray(codes[i:i + chunk]), K, centroids)
         r = additive_decode(tables, c).astype(np.float64)
         t = np.einsum("nd,nd->n", r, r)
-        if l is not None:
+        if l is None:
+            l = np.zeros(c.shape[0], np.int64)
+        else:
             t += 2 * np.einsum("nd,nd->n", np.asarray(centroids, np.float64)[l], r)
-            lists[i:i + c.shape[0]] = l
-        steps[i:i + c.shape[0]], tval[i:i + c.shape[0]] = c, t
-    order = np.argsort(lists, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=nlist))]).astype(np.int64)
-    out = ScanLists(offsets, np.ascontiguousarray(steps[order]), order.astype(np.int64), tval[order], K)
+        order = np.argsort(l, kind="stable")  # rows keep their database order within each list
+        ls = l[order]
+        pos = cursor[ls] + np.arange(ls.shape[0]) - np.searchsorted(ls, ls, side="left")
+        steps[pos], ids[pos], tval[pos] = c[order], i + order, t[order]
+        cursor += np.bincount(l, minlength=nlist)
+    out = ScanLists(offsets, steps, ids, tval, K)
     if term == "uint8":
         out.term, out.term_lo, out.term_step = _quantize_terms(out.term, offsets)
     return out

@@ -282,7 +282,7 @@ def qinco_settings(p: S.Pipeline, xq, gt, args) -> tuple[list, list]:
     if args.hnsw_coarse and p.ivf:
         hnsw = faiss.IndexHNSWFlat(p.codec.config.d, args.hnsw_coarse)
         hnsw.add(S.ivf_centroids(p.codec))
-        ph = S.Pipeline(p.codec, p.index, p.tables, p.db_codes, p.pairwise, p.lists, coarse=hnsw)
+        ph = p.with_coarse(hnsw)
         a = argparse.Namespace(**{**vars(args), "scan": ["jax"]})
         more = search_timing.qinco_settings(ph, xq, gt, a, recall_cols, f"{name} HNSW{args.hnsw_coarse}", log)
         settings, extra = settings + more[0], extra + more[1]

@@ -69,7 +69,7 @@ def test_ivf_shortlist_codes_and_distances(ivf_setup):
     p = S.load_pipeline(d, codec)
     p.index.nprobe = CFG.nlist
     D, I, raw = p.index.search_and_return_codes(xq, 40, include_listnos=True)
-    I2, codes = _shortlist(p, xq, 40)
+    _, I2, codes = _shortlist(p, xq, 40)
     np.testing.assert_array_equal(I, I2)
     np.testing.assert_array_equal(codes, np.asarray(p.db_codes)[I])
     ref = S.additive_distances(p.tables, xq, codes, S.ivf_centroids(codec))

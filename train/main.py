@@ -212,7 +212,8 @@ def interrupted_at(workdir) -> str:
         epochs = []
     if not epochs:
         return f"no epoch had finished ({workdir} holds no checkpoint yet; a rerun starts from the beginning)"
-    return f"{workdir} keeps a checkpoint after epoch {max(epochs) + 1}"
+    last = max(epochs)  # checkpoints are named by epoch; 0 is the initial model, before any step
+    return f"{workdir} keeps a checkpoint of " + ("the initial model (epoch 0)" if last == 0 else f"epoch {last}")
 
 
 if __name__ == "__main__":

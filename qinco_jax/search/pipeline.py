@@ -20,7 +20,7 @@ from qinco_jax.checks import QincoInputError
 from qinco_jax.search.common import nlist_of, require_flat, require_ivf
 from qinco_jax.search.index import decode_listnos, unpack_codes
 from qinco_jax.search.rerank import Reranker
-from qinco_jax.search.scan import QB, Scanner, ScanLists, build_lists
+from qinco_jax.search.scan import LONG, QB, Scanner, ScanLists, build_lists
 
 # decoded candidates held at once by the re-rank (vectors); bounds memory whatever nq x nshort
 RERANK_BUDGET = 131072
@@ -94,6 +94,13 @@ class Pipeline:
             self._reranker = Reranker(self.codec)
         return self._reranker
 
+    def with_coarse(self, coarse) -> "Pipeline":
+        """The same pipeline with another coarse quantizer over the IVF centroids (e.g. HNSW), sharing the
+        device copies of the scan lists and the codec."""
+        other = dataclasses.replace(self, coarse=coarse)
+        other._scanner, other._reranker = self.scanner, self.reranker
+        return other
+
 
 @dataclasses.dataclass
 class SearchResult:
@@ -114,40 +121,29 @@ def _check_queries(p: Pipeline, xq) -> np.ndarray:
     return np.ascontiguousarray(xq, np.float32)
 
 
-def _shortlist(p: Pipeline, xq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (b, n), full codes (b, n, num_codes) int32) of the additive shortlist; invalid entries id -1."""
+def _shortlist(p: Pipeline, xq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(additive distances (b, n), ids (b, n), full codes (b, n, num_codes) int32) of faiss's additive
+    shortlist; invalid entries id -1."""
     M, K, _ = p.tables.shape
     nbits = int(round(math.log2(K)))
     if p.ivf:
-        _, I, raw = p.index.search_and_return_codes(xq, n, include_listnos=True)
+        D, I, raw = p.index.search_and_return_codes(xq, n, include_listnos=True)
         cc = p.index.coarse_code_size()
         lists = decode_listnos(raw[..., :cc]) % p.nlist  # -1 results carry garbage list bytes
         steps = unpack_codes(raw[..., cc:], M, nbits)
         codes = np.concatenate([lists[..., None].astype(np.int32), steps], axis=-1)
     else:
-        _, I = p.index.search(xq, n)
+        D, I = p.index.search(xq, n)
         rows = np.where(I >= 0, I, 0)
         uniq, inv = np.unique(rows.ravel(), return_inverse=True)
         codes = np.asarray(p.db_codes[uniq], np.int32)[inv].reshape(I.shape + (-1,))
     codes[I < 0] = 0
-    return I, codes
+    return D, I, codes
 
 
 def _l2(xq: np.ndarray, x_BND: np.ndarray) -> np.ndarray:
     diff = x_BND - xq[:, None, :]
     return np.einsum("bnd,bnd->bn", diff, diff)
-
-
-def _top(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row by D (invalid ids last), keep k columns (padding with -1 / inf)."""
-    D = np.where(I < 0, np.inf, D)
-    order = np.argsort(D, axis=1, kind="stable")[:, :k]
-    D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
-    if I.shape[1] < k:
-        pad = k - I.shape[1]
-        D = np.pad(D, ((0, 0), (0, pad)), constant_values=np.inf)
-        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
-    return D, I
 
 
 
@@ -161,22 +157,25 @@ def _coarse(p: Pipeline, xq: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.nd
 
 
 def _faiss_parts(p: Pipeline, xq: np.ndarray, n: int) -> list:
-    """faiss's shortlist as the scan's sub-batches [(rows, n, (None, ids, codes))] (host arrays)."""
-    I, codes = _shortlist(p, xq, n)
+    """faiss's shortlist as the scan's sub-batches [(rows, n, (dist, ids, codes))] (host arrays)."""
+    D, I, codes = _shortlist(p, xq, n)
     out = []
     for s in range(0, xq.shape[0], QB):
         sel = np.arange(s, min(s + QB, xq.shape[0]))
         rows = np.concatenate([sel, np.repeat(sel[-1:], QB - len(sel))])
-        out.append((rows, len(sel), (None, I[rows], codes[rows])))
+        out.append((rows, len(sel), (D[rows], I[rows], codes[rows])))
     return out
 
 
 def _narrow(p: Pipeline, q: np.ndarray, ids, codes, nshort: int):
-    """The pairwise stage: the nshort of the shortlist nearest by the pairwise decoder (host)."""
+    """The pairwise stage: (distances, ids, codes) of the nshort of the shortlist nearest by the pairwise
+    decoder (host)."""
     ids, codes = np.asarray(ids), np.asarray(codes)
     xp = p.pairwise.decode(codes.reshape(-1, codes.shape[-1])).reshape(codes.shape[:2] + (-1,))
-    order = np.argsort(np.where(ids < 0, np.inf, _l2(q, xp)), axis=1, kind="stable")[:, :nshort]
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(codes, order[..., None], 1)
+    d = np.where(ids < 0, np.inf, _l2(q, xp))
+    order = np.argsort(d, axis=1, kind="stable")[:, :nshort]
+    return (np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1),
+            np.take_along_axis(codes, order[..., None], 1))
 
 
 def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1, pairwise_factor: int = 1,
@@ -239,6 +238,11 @@ def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1,
             D, I = np.asarray(D)[:n, :k], np.asarray(I)[:n, :k]
             D_out[r, :D.shape[1]], I_out[r, :I.shape[1]] = D, I
 
+    # one sub-batch size for the whole search (from the expected codes per query), so that the scan, the decode
+    # and the rank compile for one shape family, whatever each batch's mix of lists
+    if scanner is not None:
+        lists = scanner.lists
+        qb = QB if min(nprobe, lists.nlist) * lists.ids.shape[0] / lists.nlist <= LONG else QB // 2
     t_all = time.perf_counter()
     for b0 in range(0, nq, bs):
         q = xq[b0:b0 + bs]
@@ -247,14 +251,14 @@ def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1,
             Iq, Dq = _coarse(p, q, nprobe)
             t1 = time.perf_counter()
             times["coarse"] += t1 - t0
-            parts = wait(scanner.scan(q, Iq, Dq, nfirst))
+            parts = wait(scanner.scan(q, Iq, Dq, nfirst, qb))
         else:
             t1 = t0
             parts = _faiss_parts(p, q, nfirst)
         t2 = time.perf_counter()
         times["shortlist"] += t2 - t1
         if pairwise_factor > 1:
-            parts = [(rows, n, (None,) + _narrow(p, q[rows], ids, codes, nshort))
+            parts = [(rows, n, _narrow(p, q[rows], ids, codes, nshort))
                      for rows, n, (_, ids, codes) in parts]
             times["pairwise"] += time.perf_counter() - t2
         t3 = time.perf_counter()
@@ -264,7 +268,7 @@ def search(p: Pipeline, xq, *, k: int = 100, nshort: int = 100, nprobe: int = 1,
             ranked = wait([rr.rank(q[rows], x, ids, k) for (rows, _, (_, ids, _)), x in zip(parts, xhat)])
         else:
             t4 = t3
-            ranked = [(np.zeros(np.shape(ids)) if d is None else d, ids) for _, _, (d, ids, _) in parts]
+            ranked = [(d, ids) for _, _, (d, ids, _) in parts]
         times["decode"] += t4 - t3
         times["rerank"] += time.perf_counter() - t4
         done = [(rows, n, ids, r) for (rows, n, (_, ids, _)), r in zip(parts, ranked)]

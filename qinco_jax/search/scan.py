@@ -28,6 +28,7 @@ import numpy as np
 
 from qinco_jax.checks import QincoInputError
 from qinco_jax.files import open_regular, read_npz
+from qinco_jax.search.codes import steps_dtype
 from qinco_jax.search.common import split_codes
 from qinco_jax.search.faiss_file import sha256_file
 from qinco_jax.search.tables import additive_decode
@@ -49,10 +50,10 @@ def bucket(n: int, lo: int = 128) -> int:
 
 
 def code_store_dtype(K: int) -> np.dtype:
-    """uint8 codes for K <= 256, uint16 up to 65,536; a clear error beyond."""
+    """The codes store's step-code type (uint8 for K <= 256, uint16 up to 65,536); a clear error beyond."""
     if not 1 <= K <= MAX_K:
         raise QincoInputError(f"the scan stores codes of at most 16 bits: K must be in [1, {MAX_K}], got K={K}")
-    return np.dtype(np.uint8 if K <= 256 else np.uint16)
+    return steps_dtype(K)
 
 
 @dataclasses.dataclass
@@ -214,16 +215,19 @@ def _term_dtype(path: str) -> str:
 
 
 def check_lists(lists: ScanLists, db_codes, tables: np.ndarray, centroids: np.ndarray | None, path: str,
-                sample: int = 1024, seed: int = 0) -> None:
+                sample: int = 1024, seed: int = 0, chunk: int = 1 << 20) -> None:
     """The lists hold exactly the database codes (every vector once, in its own list, with its step codes), and
     the stored term equals the one the tables give on a random sample of vectors; a QincoInputError otherwise."""
     fix = "rebuild the index with `eval/search.py build`"
     n = lists.ids.shape[0]
-    steps, listno = split_codes(np.asarray(db_codes), lists.K, centroids)
     own = np.repeat(np.arange(lists.offsets.shape[0] - 1), np.diff(lists.offsets))
-    if not np.array_equal(steps[lists.ids], lists.codes) or (
-            listno is not None and not np.array_equal(listno[lists.ids], own)):
-        raise QincoInputError(f"{path}: the scan lists' codes differ from the database codes; {fix}")
+    for i in range(0, n, chunk):  # in row chunks: the database codes are memory-mapped parts
+        ids = lists.ids[i:i + chunk]
+        order = np.argsort(ids)
+        steps, listno = split_codes(np.asarray(db_codes[ids[order]]), lists.K, centroids)
+        if not np.array_equal(steps, lists.codes[i:i + chunk][order]) or (
+                listno is not None and not np.array_equal(listno, own[i:i + chunk][order])):
+            raise QincoInputError(f"{path}: the scan lists' codes differ from the database codes; {fix}")
     if n:
         rows = np.random.default_rng(seed).choice(n, min(sample, n), replace=False)
         r = additive_decode(np.asarray(tables, np.float32), lists.codes[rows]).astype(np.float64)
@@ -231,7 +235,7 @@ def check_lists(lists: ScanLists, db_codes, tables: np.ndarray, centroids: np.nd
         if centroids is not None:
             want += 2 * np.einsum("nd,nd->n", np.asarray(centroids, np.float64)[own[rows]], r)
         got = lists.term[rows].astype(np.float64)
-        if lists.term_lo is not None:
+        if lists.term.dtype == np.uint8:
             got = lists.term_lo[own[rows]] + got * lists.term_step[own[rows]]
             tol = 0.51 * lists.term_step[own[rows]] + 1e-5 * (np.abs(want) + 1.0)
         else:

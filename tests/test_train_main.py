@@ -135,5 +135,20 @@ def test_ctrl_c_says_where_it_stopped(tmp_path, monkeypatch, capsys):
         train_main.main(["--workdir", str(tmp_path / "run"), "--epochs", "10"])
     assert info.value.code == 130
     err = capsys.readouterr().err
-    assert "interrupted: " in err and "checkpoint after epoch 5" in err and "run the same command again" in err
+    assert "interrupted: " in err and "checkpoint of epoch 4;" in err and "run the same command again" in err
     assert "Traceback" not in err
+
+
+def test_ctrl_c_before_the_first_trained_epoch(tmp_path, monkeypatch, capsys):
+    """Only the initial model's checkpoint (epoch 0) exists: the message says so."""
+    from train import loop
+    from train import main as train_main
+
+    def interrupt(cfg):
+        os.makedirs(os.path.join(cfg.workdir, "checkpoints", "0"), exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run", interrupt)
+    with pytest.raises(SystemExit):
+        train_main.main(["--workdir", str(tmp_path / "run"), "--epochs", "10"])
+    assert "checkpoint of the initial model (epoch 0)" in capsys.readouterr().err

@@ -50,9 +50,14 @@ def random_codec(cfg: qj.QincoConfig = TINY, seed: int = 0, scale: float = 1.0) 
 
 
 def near_codes(codec: qj.Codec, n: int, seed: int = 1, noise: float = 0.05) -> np.ndarray:
-    """Raw-unit vectors close to decoded random codes (so that every step matters)."""
+    """Raw-unit vectors close to decoded random codes (so that every step matters); IVF codecs: a random
+    list id first."""
     rng = np.random.default_rng(seed)
-    codes = rng.integers(0, codec.config.K, (n, codec.config.M))
+    cfg = codec.config
+    if cfg.nlist:
+        codes = np.concatenate([rng.integers(0, cfg.nlist, (n, 1)), rng.integers(0, cfg.K, (n, cfg.M))], 1)
+    else:
+        codes = rng.integers(0, cfg.K, (n, cfg.M))
     x = qj.decode(codec, codes)
     return (x + rng.normal(scale=noise * codec.scale, size=x.shape)).astype(np.float32)
 

@@ -14,6 +14,7 @@ import pytest
 import qinco_jax as qj
 from qinco_jax import search as S
 from qinco_jax import training
+from conftest import near_codes
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,17 +25,9 @@ def codec():
     return qj.load(DATA / "qinco2_ivf_tiny.pt")
 
 
-def _vectors(codec, n, seed):
-    rng = np.random.default_rng(seed)
-    cfg = codec.config
-    codes = np.concatenate([rng.integers(0, cfg.nlist, (n, 1)), rng.integers(0, cfg.K, (n, cfg.M))], 1)
-    x = qj.decode(codec, codes)
-    return (x + rng.normal(scale=0.1 * codec.scale, size=x.shape)).astype(np.float32)
-
-
 def test_training_searches_as_the_encoder(codec):
     """The codes a training step decodes are those of the model's own search (the original's rules)."""
-    x = _vectors(codec, 64, 0)
+    x = near_codes(codec, 64, 0, 0.1)
     xn = (x - codec.shift) / np.float32(codec.scale)
     got = np.asarray(training.search_codes(codec.config, codec.params, jnp.asarray(xn)))
     np.testing.assert_array_equal(got, qj.encode(codec, x))
@@ -46,7 +39,7 @@ def test_training_searches_as_the_encoder(codec):
 
 def test_search_pipeline_takes_an_ivf_qinco2_codec(codec, tmp_path):
     cfg = codec.config
-    xt, xb, xq = _vectors(codec, 1200, 1), _vectors(codec, 400, 2), _vectors(codec, 12, 3)
+    xt, xb, xq = near_codes(codec, 1200, 1, 0.1), near_codes(codec, 400, 2, 0.1), near_codes(codec, 12, 3, 0.1)
     ct = qj.encode(codec, xt)
     assert ct.shape[1] == 1 + cfg.M
     cent = S.ivf_centroids(codec)  # raw units: the normalised table times data_std plus data_mean

@@ -12,6 +12,7 @@ from qinco_jax import data, model
 from qinco_jax import search as S
 from qinco_jax.checks import QincoInputError
 from qinco_jax.search.pipeline import _shortlist
+from conftest import near_codes
 from test_eval_search import check_sweep_values
 
 CFG = qj.QincoConfig(d=16, K=16, M=3, L=1, h=16, nlist=8)
@@ -26,18 +27,10 @@ def ivf_codec(seed=0, scale=4.0):
     return qj.Codec(CFG, params, scale)
 
 
-def vectors(codec, n, seed):
-    rng = np.random.default_rng(seed)
-    cfg = codec.config
-    codes = np.concatenate([rng.integers(0, cfg.nlist, (n, 1)), rng.integers(0, cfg.K, (n, cfg.M))], 1)
-    x = qj.decode(codec, codes)
-    return (x + rng.normal(scale=0.3 * codec.scale, size=x.shape)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def ivf_setup(tmp_path_factory):
     codec = ivf_codec()
-    xt, xb, xq = vectors(codec, 1500, 1), vectors(codec, 500, 2), vectors(codec, 15, 3)
+    xt, xb, xq = near_codes(codec, 1500, 1, 0.3), near_codes(codec, 500, 2, 0.3), near_codes(codec, 15, 3, 0.3)
     d = tmp_path_factory.mktemp("ivf")
     ct = qj.encode(codec, xt)
     assert ct.shape[1] == 1 + CFG.M

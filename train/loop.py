@@ -69,11 +69,11 @@ def ivf_setup(cfg: TrainConfig, ds: data.Dataset) -> tuple[TrainConfig, np.ndarr
     return cfg, None
 
 
-def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir: str | None = None,
-                ckpts: TrainCheckpoints | None = None) -> LoopState:
+def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids, workdir: str,
+                ckpts: TrainCheckpoints) -> LoopState:
     """RQ-initialised codec (IVF: after the centroids) and the loop state before the first trained epoch.
 
-    With ckpts (and workdir), the initial model is recorded as epoch 0: a metrics row, the best codec
+    The initial model is recorded as epoch 0: a metrics row, the best codec
     so far and a checkpoint (a run killed during epoch 1 resumes from it, without a new initialisation).
     """
     mcfg = cfg.model(ds.d)
@@ -81,7 +81,7 @@ def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir
         t0 = time.time()
         centroids = faiss_ops.kmeans(data.sample_rows(ds.xt, cfg.rq_nt, cfg.seed), mcfg.nlist, cfg.seed)
         log(f"IVF: k-means of {mcfg.nlist} centroids done in {time.time() - t0:.1f}s")
-    if mcfg.nlist and workdir is not None and jax.process_index() == 0:
+    if mcfg.nlist and jax.process_index() == 0:
         np.save(os.path.join(workdir, CENTROIDS), np.asarray(centroids, np.float32))
     t_init = t0 = time.time()
     codec = qj.init_codec(mcfg, ds.xt, seed=cfg.seed, rq_beam_size=cfg.rq_beam_size, centroids=centroids,
@@ -90,14 +90,10 @@ def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids=None, workdir
     log(f"{what} {mcfg.M}x{int(np.log2(mcfg.K))} (beam {cfg.rq_beam_size}) initialisation done in {time.time() - t0:.1f}s; "
         f"data scale {codec.scale:.6g}; {mcfg.num_params():,} trainable parameters")
     val0 = val_mse(codec, ds.xval)
-    if ckpts is None:
-        log(f"before optimisation: val MSE {val0:.6g}")
     shift = None if codec.shift is None else [float(v) for v in codec.shift]
     meta = RunMeta(epoch=-1, scale=codec.scale, best_val=None, best_epoch=None, val0=val0, stopped=False, shift=shift,
                    initial_epoch=True)
     state = LoopState(training.init_state(codec.params, mcfg), training.plateau().init(codec.params), meta)
-    if ckpts is None:
-        return state
     return end_of_epoch(cfg, ds, state, 0, None, None, t_init, workdir, ckpts, log, val=val0)
 
 

@@ -35,25 +35,96 @@ def with_codebooks(params: dict, codebooks: np.ndarray, centroids: np.ndarray | 
     return params
 
 
-def identity_steps(cfg: QincoConfig, params: dict) -> dict:
-    """Parameters whose every step returns its codeword, f(c, xhat) = c exactly, so that decoding
-    is the plain RQ of the codebooks (`--init rq-exact`).
+def _mirror_hidden(up: np.ndarray, down: np.ndarray) -> None:
+    """Hidden units in pairs: equal up-projection columns and opposite down-projection rows, so that
+    down(relu(up z)) = 0 (to rounding) while every entry of both gets a gradient (in place)."""
+    half = up.shape[1] // 2
+    up[:, half:] = up[:, :half]
+    down[half:] = -down[:half]
 
-    QINCo v1: the concat block and every block's down-projection are zero. QINCo2: the
-    codeword half of the concat block is -I, cancelling z0 = P_in c exactly (its xhat half, its
-    bias and the down-projections are zero), so the outer skip alone remains.
+
+def _annihilator(up: np.ndarray, down: np.ndarray, rng: np.random.Generator) -> None:
+    """A residual block z + down(relu(up z)) = z minus its antisymmetric part (z_i - z_{i+e/2}) / 2
+    pairs, i.e. 0 on the antisymmetric vectors [a, -a] (in place; needs h >= e, both even).
+
+    Hidden units come in pairs (u, -u): relu(u) V - relu(-u) V = u V, so the block is linear here,
+    and up = [B R, -B R], down = [-R^T B^T; R^T B^T] with B the orthonormal basis of the antisymmetric
+    vectors and R random with orthonormal rows give z + z U V = z - B B^T z."""
+    e, h = up.shape
+    half_e, half_h = e // 2, h // 2
+    basis = np.zeros((e, half_e), np.float64)
+    basis[np.arange(half_e), np.arange(half_e)] = 2**-0.5
+    basis[np.arange(half_e) + half_e, np.arange(half_e)] = -(2**-0.5)
+    r = np.linalg.qr(rng.standard_normal((half_h, half_e)))[0].T  # (e/2, h/2), orthonormal rows
+    u = basis @ r
+    up[:, :half_h], up[:, half_h : 2 * half_h] = u, -u
+    down[:half_h], down[half_h : 2 * half_h] = -u.T, u.T
+    up[:, 2 * half_h :] = 0  # odd h: the last unit is unused at the start
+    down[2 * half_h :] = 0
+
+
+def mirror_possible(cfg: QincoConfig) -> bool:
+    """Whether identity_steps can give every parameter a gradient: even hidden widths, and for QINCo2
+    an even embedding width, with h >= de when there are no projections (de == d)."""
+    if cfg.h % 2 and (cfg.L or cfg.lowrank):
+        return False
+    if cfg.variant != "qinco2":
+        return True
+    if cfg.emb % 2:
+        return False
+    return cfg.emb != cfg.d or (cfg.L > 0 and cfg.h >= cfg.emb)
+
+
+def identity_steps(cfg: QincoConfig, params: dict, seed: int = 0) -> dict:
+    """Parameters whose every step returns its codeword, f(c, xhat) = c (to float rounding), so that
+    decoding is the plain RQ of the codebooks (`--init rq-exact`), while every parameter of every step
+    gets a non-zero gradient at the first training step (where `mirror_possible`; otherwise the
+    inner paths are zeroed and the layers before them start with no gradient).
+
+    QINCo v1: the concat block is zero (it still gets a gradient, from its inputs) and each residual
+    block's hidden units come in mirrored pairs (`_mirror_hidden`) that cancel. QINCo-LR: the concat
+    block's rank-h product is mirrored the same way. QINCo2 with projections (de != d): P_in = [Q, -Q]
+    makes the embedding antisymmetric between its halves, the concat block starts at zero (its own
+    init), the residual blocks are mirrored pairs, and P_out = [P; P] maps every antisymmetric vector
+    to 0. QINCo2 without projections: the concat block's codeword half is [W, -W] - I, so the
+    embedding is the antisymmetric c [W, -W]; the blocks before the last are mirrored pairs and the
+    last removes the antisymmetric part exactly (`_annihilator`).
     """
     params = jax.tree.map(np.array, jax.device_get(params))  # writable host copies
+    mirror = mirror_possible(cfg)
+    rng = np.random.default_rng(seed)
     for m in range(1, cfg.num_codes):
         step = params[f"step_{m}"]
-        for l in range(cfg.L):
-            step[f"block_{l}"]["down"]["kernel"][:] = 0
+        blocks = [step[f"block_{l}"] for l in range(cfg.L)]
+        for l, block in enumerate(blocks):
+            up, down = block["up"]["kernel"], block["down"]["kernel"]
+            if not mirror:
+                down[:] = 0
+                continue
+            if cfg.variant == "qinco2" and not down.any():  # QINCo2 inits it to zero: torch's uniform
+                down[:] = rng.uniform(-1, 1, down.shape) / np.sqrt(down.shape[0])
+            if cfg.variant == "qinco2" and cfg.emb == cfg.d and l == cfg.L - 1:
+                _annihilator(up, down, rng)
+            else:
+                _mirror_hidden(up, down)
         if cfg.variant == "qinco2":
-            step["concat"]["kernel"][:] = 0
-            step["concat"]["kernel"][: cfg.emb] = -np.eye(cfg.emb, dtype=np.float32)
-            step["concat"]["bias"][:] = 0
+            e = cfg.emb
+            kernel = step["concat"]["kernel"]
+            kernel[:], step["concat"]["bias"][:] = 0, 0
+            if not mirror:
+                kernel[:e] = -np.eye(e, dtype=np.float32)
+            elif e == cfg.d:
+                w = rng.uniform(-1, 1, (e, e // 2)) * np.sqrt(6.0 / e)
+                kernel[:e] = np.concatenate([w, -w], axis=1) - np.eye(e)
+            else:
+                p_in, p_out = step["in_proj"]["kernel"], step["out_proj"]["kernel"]
+                p_in[:, e // 2 :] = -p_in[:, : e // 2]
+                p_out[e // 2 :] = p_out[: e // 2]
         elif cfg.lowrank:
-            step["concat_out"]["kernel"][:] = 0
+            if mirror:
+                _mirror_hidden(step["concat_in"]["kernel"], step["concat_out"]["kernel"])
+            else:
+                step["concat_out"]["kernel"][:] = 0
         else:
             step["concat"]["kernel"][:] = 0
             step["concat"]["bias"][:] = 0
@@ -156,5 +227,5 @@ def init_codec(cfg: QincoConfig, xt, *, seed: int = 0, rq_beam_size: int = 1, sc
         codebooks = codebooks + noise * codebooks.std(axis=(1, 2), keepdims=True) * np.float32(CODEBOOK_NOISE)
     params = with_codebooks(init_params(cfg, jax.random.key(seed)), codebooks, c_scaled)
     if init == "rq-exact":
-        params = identity_steps(cfg, params)
+        params = identity_steps(cfg, params, seed)
     return Codec(cfg, jax.device_get(params), norm)

@@ -1,5 +1,5 @@
-"""`--init rq-exact` per family (QINCo v1, QINCo-LR, IVF-QINCo v1, QINCo2, IVF-QINCo2, PQ-QINCo
-blocks): the untrained codec is faiss's RQ with the same search (to 1e-5 relative on validation), and
+"""`--init rq-exact` per family (QINCo v1, QINCo-LR, IVF-QINCo v1, QINCo2 with and without projections,
+IVF-QINCo2, PQ-QINCo blocks): the untrained codec is faiss's RQ with the same search (to 1e-5 relative on validation), and
 the first training step gives every trainable parameter a non-zero gradient."""
 
 import jax
@@ -17,16 +17,11 @@ FAMILIES = {
     "qinco2": dict(d=32, K=16, M=3, L=1, h=16, variant="qinco2", de=24, A=4, B=3),
     # A >= B: pre-selecting A of the K codes by their RQ distance keeps the B best of each beam, so the
     # search is faiss's beam search of width B (IVF: the first networked step keeps max(A, B) of its one beam)
+    "qinco2-no-proj": dict(d=32, K=16, M=3, L=2, h=32, variant="qinco2", A=4, B=3),  # de = d: no projections
     "ivf-qinco2": dict(d=32, K=16, M=2, L=1, h=16, variant="qinco2", de=24, A=4, B=3, nlist=8),
     "pq-blocks": dict(d=16, K=16, M=2, L=1, h=16),  # each of the 2 blocks of 16 dimensions
 }
 PQ_BLOCKS = 2
-# Today's identity steps zero the down-projections (v1) and every step's inner path (QINCo2), so the
-# layers before them get no gradient at the first step.
-WAITING = pytest.mark.xfail(strict=True, reason="the rq-exact identity steps give some layers a zero gradient "
-                                                "(zeroed down-projections); waiting on the identity "
-                                                "initialisation that learns from the RQ start")
-XFAIL_GRADIENT = {"v1", "qinco-lr", "ivf-v1", "pq-blocks", "qinco2", "ivf-qinco2"}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +67,7 @@ def test_rq_exact_starts_at_faiss_rq(ds, name):
     assert float(np.mean(ours)) == pytest.approx(float(np.mean(theirs)), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=WAITING) if n in XFAIL_GRADIENT else n
-                                  for n in sorted(FAMILIES)])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_rq_exact_first_step_moves_every_parameter(ds, name):
     xt = np.asarray(ds.xt, np.float32)
     zero = []
@@ -88,3 +82,15 @@ def test_rq_exact_first_step_moves_every_parameter(ds, name):
             if not np.any(np.asarray(g)):
                 zero.append(f"block {b} {key}" if name == "pq-blocks" else key)
     assert not zero, f"parameters with a zero gradient at the first step: {zero}"
+
+
+def test_rq_exact_without_mirrored_pairs_is_still_exact(ds):
+    """Widths that cannot be mirrored (odd h; QINCo2 without projections and h < de) fall back to
+    zeroed inner paths: still exactly the RQ."""
+    xt, xv = np.asarray(ds.xt, np.float32), np.asarray(ds.xval, np.float32)
+    for cfg in (qj.QincoConfig(d=32, K=16, M=3, L=1, h=15),
+                qj.QincoConfig(d=32, K=16, M=3, L=1, h=16, variant="qinco2", A=4, B=3)):
+        assert not qj.initialise.mirror_possible(cfg)
+        codec = qj.init_codec(cfg, xt, seed=0, init="rq-exact")
+        ours = qj.encode_with_error(codec, xv)[1]
+        assert float(np.mean(ours)) == pytest.approx(float(np.mean(_faiss_rq_mse(codec, xt, xv))), rel=1e-5)

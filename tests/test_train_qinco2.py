@@ -65,7 +65,7 @@ def test_qinco2_resume_after_sigkill_gives_the_same_result(tmp_path):
 
 def test_rq_exact_starts_at_the_rq(tmp_path):
     B = 2
-    _train(tmp_path / "exact", "--epochs", "1", "--init", "rq-exact", "--A", "16", "--B", str(B))
+    _train(tmp_path / "exact", "--epochs", "1", "--init", "rq-exact", "--A", "16", "--B", str(B), "--rq-beam-size", "1")
     summary = json.loads((tmp_path / "exact" / "summary.json").read_text())
     ds = data.synthetic(seed=0, nt=3000, nval=500, nb=500)
     rq = faiss_ops.train_rq(np.asarray(ds.xt, np.float32), 3, 16)  # the initialisation's RQ
@@ -73,3 +73,23 @@ def test_rq_exact_starts_at_the_rq(tmp_path):
     xv = np.ascontiguousarray(ds.xval, np.float32)
     rq_mse = float(((rq.decode(rq.compute_codes(xv)) - xv) ** 2).sum(1).mean())
     assert summary["val_mse_init"] == pytest.approx(rq_mse, rel=1e-5)
+
+
+def test_rq_exact_keeps_the_better_of_greedy_and_beam_trained_rq(tmp_path):
+    """With --init rq-exact and B > 1 (no --rq-beam-size) the run tries the RQ trained greedily and the
+    one trained with beam B, and starts from the one with the lower validation MSE under the model's
+    own search."""
+    p = _train(tmp_path / "best", "--epochs", "1", "--init", "rq-exact")
+    summary = json.loads((tmp_path / "best" / "summary.json").read_text())
+    cfg = json.loads((tmp_path / "best" / "config.json").read_text())
+    ds = data.synthetic(seed=0, nt=3000, nval=500, nb=500)
+    mcfg = qj.QincoConfig(d=ds.d, K=16, M=3, L=1, h=16, variant="qinco2", de=24, A=4, B=3)
+    mse = {}
+    for beam in (1, 3):
+        codec = qj.init_codec(mcfg, np.asarray(ds.xt, np.float32), seed=cfg["seed"], rq_beam_size=beam,
+                              init="rq-exact", rq_nt=cfg["rq_nt"])
+        mse[beam] = float(qj.encode_with_error(codec, np.asarray(ds.xval, np.float32))[1].mean())
+    assert mse[1] != pytest.approx(mse[3], rel=1e-4)  # the two starts differ, so the choice is tested
+    assert summary["val_mse_init"] == pytest.approx(min(mse.values()), rel=1e-5)
+    chosen = min(mse, key=mse.get)
+    assert f"start: the RQ trained with beam {chosen}" in p.stdout + p.stderr

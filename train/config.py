@@ -41,7 +41,7 @@ class TrainConfig:
     batch_size: int = 1024  # global batch, split over all devices of all processes
     epochs: int = 1000
     seed: int = 1234
-    rq_beam_size: int = 1
+    rq_beam_size: int | None = None  # None: 1, or the better of 1 and B for --init rq-exact with B > 1
     baseline_nt: int = 100_000  # the end-of-run faiss RQ baselines train on at most this many vectors (0: none)
     rq_nt: int = 1_000_000  # the RQ initialisation trains on at most this many training vectors (as QINCo2)
     persistent_adam: bool = False  # the original re-creates Adam every epoch
@@ -105,7 +105,7 @@ class TrainConfig:
         integer("batch_size", 1)
         integer("epochs", 1)
         integer("seed", 0, 2**32 - 1)
-        integer("rq_beam_size", 1)
+        integer("rq_beam_size", 1, optional=True)
         need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
              and self.lr > 0, "lr", "must be a positive finite number")
         need(isinstance(self.workdir, str) and self.workdir.strip() != "", "workdir", "must name a folder")

@@ -78,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="global batch, a multiple of the device count " + _default("batch_size"))
     g.add_argument("--epochs", type=int, help="maximum number of epochs " + _default("epochs"))
     g.add_argument("--seed", type=int, help="seed of the initialisation and the batch order " + _default("seed"))
-    g.add_argument("--rq-beam-size", type=int, help="beam of the RQ that initialises the codebooks " + _default("rq_beam_size"))
+    g.add_argument("--rq-beam-size", type=int, help="beam of the RQ that initialises the codebooks (default: 1; "
+                   "with --init rq-exact and --B > 1, the better on validation of 1 and B)")
     g.add_argument("--baseline-nt", type=int, help="the end-of-run faiss RQ baselines (beam 1 and 5) train on a "
                    "sample of at most this many training vectors; 0 skips them " + _default("baseline_nt"))
     g.add_argument("--rq-nt", type=int, help="the RQ initialisation trains on a fixed random sample of at most this "

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ import qinco_jax as qj
 from qinco_jax import search as S
 from qinco_jax.checks import QincoInputError
 from qinco_jax.search.index import _set_tables
-from tests.conftest import TINY, near_codes, random_codec
+from tests.conftest import near_codes, random_codec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

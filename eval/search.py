@@ -429,6 +429,11 @@ def search_cmd(args) -> dict:
     res["matmul_gflops"] = search_timing.matmul_rate()
     log(f"QINCo decode: {res['decode_flops_per_candidate'] or float('nan'):,.0f} FLOPs per candidate; "
         f"in-run float32 matmul rate {res['matmul_gflops']:.1f} GFLOP/s on {jax.default_backend()}")
+    for r in rows:
+        if "decode_share_of_matmul" in r:
+            log(f"  {r['method']}, nprobe {r['nprobe']}, nshort {r['nshort']}: decode {np.median(r['decode_us_per_cand_runs']):.2f} "
+                f"µs per candidate, {r['decode_gflops']:.0f} GFLOP/s, {r['decode_share_of_matmul']:.0%} of the matmul "
+                f"rate measured after each staged run (median {r['matmul_gflops_paired']:.0f} GFLOP/s)")
     out = Path(args.out) if args.out else Path(args.index) / "search.json"
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     warn_zero_recall(rows)

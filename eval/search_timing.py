@@ -44,6 +44,7 @@ def qinco_settings(p: S.Pipeline, xq: np.ndarray, gt, args, recall_cols, name: s
     """(settings, shortlist settings) of the QINCo pipeline: one setting per nprobe x nshort x pairwise factor x
     scan, and the same shortlists alone (no re-rank)."""
     settings, extra, nq = [], [], xq.shape[0]
+    flops = p.reranker.flops_per_candidate()
     for scan in args.scan:
         for nprobe in (args.nprobe if p.ivf else [1]):
             for nshort in args.nshort:
@@ -51,8 +52,7 @@ def qinco_settings(p: S.Pipeline, xq: np.ndarray, gt, args, recall_cols, name: s
                     kw = dict(k=max(KS), nshort=nshort, nprobe=nprobe, pairwise_factor=pf, ef_search=args.ef_search,
                               scan=scan)
                     S.search(p, xq, staged=True, **kw)  # warm-up: compiles the jitted functions it needs
-                    r = S.search(p, xq, staged=True, **kw)
-                    t = r.times
+                    r, t, paired = staged_runs(p, xq, kw, args.reps, flops)
                     label = name + (" +pairwise" if pf > 1 else "") + (" (faiss scan)" if scan == "faiss" else "")
                     row = {"method": label, "nprobe": nprobe if p.ivf else None, "nshort": nshort, "pf": pf,
                            "scan": scan}
@@ -63,6 +63,7 @@ def qinco_settings(p: S.Pipeline, xq: np.ndarray, gt, args, recall_cols, name: s
                                  ("decode", "decode"), ("rerank", "rerank"))})
                     row["t_staged_ms"] = t["total"] * 1e3 / nq  # the staged run's total (stages without overlap)
                     row["decode_us_per_cand"] = t["decode"] * 1e6 / (nq * nshort)
+                    row.update(paired)
                     if pf > 1:
                         row["pair_us_per_cand"] = t["pairwise"] * 1e6 / (nq * nshort * pf)
                     settings.append(Setting(row, lambda kw=kw: S.search(p, xq, **kw)))
@@ -72,6 +73,26 @@ def qinco_settings(p: S.Pipeline, xq: np.ndarray, gt, args, recall_cols, name: s
                         short.update({f"r{k}": row[f"r{k}_short"] for k in KS})
                         extra.append(Setting(short, lambda kw=kw: S.search(p, xq, rerank=False, **kw)))
     return settings, extra
+
+
+def staged_runs(p: S.Pipeline, xq: np.ndarray, kw: dict, reps: int, flops: float | None):
+    """reps staged runs of one setting, each followed by the matmul rate (so that the decode's share of it is
+    measured under the same load): (the first run's result, the stage times of the run of median total time, the
+    decode's medians: µs per candidate, GFLOP/s, the paired matmul rate and the median of the per-run shares)."""
+    runs, shares, rates, us = [], [], [], []
+    nc = xq.shape[0] * kw["nshort"]
+    for _ in range(max(1, reps)):
+        runs.append(S.search(p, xq, staged=True, **kw))
+        rates.append(matmul_rate(reps=3))
+        us.append(runs[-1].times["decode"] * 1e6 / nc)
+        if flops:
+            shares.append(flops / us[-1] / 1e3 / rates[-1])
+    mid = sorted(runs, key=lambda r: r.times["total"])[len(runs) // 2]  # the run of median total time
+    times = mid.times
+    paired = {"decode_us_per_cand_runs": us, "matmul_gflops_paired": float(np.median(rates))}
+    if flops:
+        paired.update(decode_gflops=flops / float(np.median(us)) / 1e3, decode_share_of_matmul=float(np.median(shares)))
+    return runs[0], times, paired
 
 
 def baseline_settings(indexes: dict, probes, xq, gt, recall_cols) -> list:

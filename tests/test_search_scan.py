@@ -240,3 +240,25 @@ def test_lists_built_in_chunks_equal_a_whole_sort():
         part = SC.build_lists(codes, T, cent, chunk=chunk)
         for f in ("offsets", "codes", "ids", "term"):
             np.testing.assert_array_equal(getattr(part, f), getattr(whole, f))
+
+
+@pytest.mark.parametrize("min_decode", [1, 50, 10**6])
+def test_decode_groups_give_the_same_results(ivf_pipeline, monkeypatch, min_decode):
+    """The re-rank joins the scan's sub-batches into decode calls of at least MIN_DECODE candidates: one call
+    per sub-batch (1), groups of a few with a smaller last group (50), one call per batch (10**6) all give the
+    same results, padded last sub-batch included."""
+    from qinco_jax.search import pipeline, scan
+
+    p, ds = ivf_pipeline
+    monkeypatch.setattr(scan, "QB", 4)  # sub-batches of 4 queries, so that a batch has several
+    monkeypatch.setattr(pipeline, "QB", 4)
+    ref = S.search(p, ds.xq, k=10, nshort=6, nprobe=2, batch_size=NQ)
+    monkeypatch.setattr(pipeline, "MIN_DECODE", min_decode)
+    if min_decode == 50:
+        parts = [(np.arange(4), 4, (None, np.zeros((4, 6)), None))] * 5
+        assert [len(g) for g in pipeline._groups(parts, min_decode)] == [3, 2]
+    for staged in (False, True):
+        res = S.search(p, ds.xq, k=10, nshort=6, nprobe=2, batch_size=NQ, staged=staged)
+        np.testing.assert_array_equal(res.I, ref.I)
+        np.testing.assert_array_equal(res.D, ref.D)
+        np.testing.assert_array_equal(res.I_short, ref.I_short)

@@ -258,11 +258,13 @@ def _kernel(S: int, nshort: int, quant: bool, ivf: bool):
         cum = jnp.cumsum(ln, axis=1)
         start = cum - ln
         j = jnp.arange(S, dtype=jnp.int32)
-        p = jax.vmap(lambda c: jnp.searchsorted(c, j, side="right"))(cum).astype(jnp.int32)
-        p = jnp.minimum(p, P - 1)
+        # p: the probe each padded position belongs to, the number of probes after the first that start at or
+        # before it: a +1 at each probe's start (empty lists add theirs at the same place), summed along
+        marks = jnp.zeros((nq, S + 1), jnp.int32).at[jnp.arange(nq)[:, None], jnp.minimum(start[:, 1:], S)].add(1)
+        p = jnp.minimum(jnp.cumsum(marks[:, :S], axis=1), P - 1)
         valid = j[None, :] < cum[:, -1:]
-        lst = jnp.take_along_axis(Iq, p, 1)
-        rows = jnp.where(valid, offsets[lst] + j[None, :] - jnp.take_along_axis(start, p, 1), 0)
+        # the row in the CSR arrays: the position plus its probe's (list offset - start in the padded row)
+        rows = jnp.where(valid, j[None, :] + jnp.take_along_axis(offsets[Iq] - start, p, 1), 0)
         lut = jnp.dot(xq, T2.T, precision=jax.lax.Precision.HIGHEST).reshape(nq, M, K)
         c = codes[rows].astype(jnp.int32)  # (nq, S, M)
         acc = jnp.take_along_axis(lut[:, 0, :], c[:, :, 0], axis=1)
@@ -277,7 +279,8 @@ def _kernel(S: int, nshort: int, quant: bool, ivf: bool):
         ok = jnp.isfinite(neg)
         full = codes[sel].astype(jnp.int32)
         if ivf:
-            full = jnp.concatenate([jnp.take_along_axis(lst, i, 1)[..., None], full], axis=-1)
+            lst = jnp.take_along_axis(Iq, jnp.take_along_axis(p, i, 1), 1)
+            full = jnp.concatenate([lst[..., None], full], axis=-1)
         return -neg, jnp.where(ok, ids[sel], -1), jnp.where(ok[..., None], full, 0)
 
     return jax.jit(run)

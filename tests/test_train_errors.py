@@ -88,6 +88,8 @@ BAD_FLAGS = [
     (["--num-processes", "2", "--process-id", "2"], "--process-id 2"), (["--db", "x.fvecs"], "only used with --train"),
     (["--dataset", "sift1M", "--train", "x.fvecs"], "either --dataset or --train"),
     (["--init", "rq_exact"], "--init 'rq_exact': must be one of ('default', 'rq-exact')"),
+    (["--train-A", "4"], "--train-A 4: is a QINCo2 option (--model qinco2-*)"),
+    (["--model", "qinco2-S", "--A", "0", "--train-A", "4"], "--train-A 4: needs a model with pre-selection (--A > 0)"),
 ]
 
 

@@ -93,3 +93,18 @@ def test_rq_exact_keeps_the_better_of_greedy_and_beam_trained_rq(tmp_path):
     assert summary["val_mse_init"] == pytest.approx(min(mse.values()), rel=1e-5)
     chosen = min(mse, key=mse.get)
     assert f"start: the RQ trained with beam {chosen}" in p.stdout + p.stderr
+
+
+def test_a_cheaper_training_search(tmp_path):
+    """--train-A / --train-B: the training step searches with them, while the saved codec (its encoding and the
+    validation) keeps the model's A, B."""
+    _train(tmp_path / "full", "--epochs", "1")
+    _train(tmp_path / "cheap", "--epochs", "1", "--train-A", "2", "--train-B", "1")
+    cfg = json.loads((tmp_path / "cheap" / "config.json").read_text())
+    assert (cfg["A"], cfg["B"], cfg["train_A"], cfg["train_B"]) == (4, 3, 2, 1)
+    codec = qj.load(tmp_path / "cheap")
+    assert (codec.config.A, codec.config.B) == (4, 3)
+    rows = {n: [json.loads(ln) for ln in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("full", "cheap")}
+    assert rows["full"][0]["val_mse"] == rows["cheap"][0]["val_mse"]  # the same start, validated alike
+    assert rows["full"][1]["train_loss"] != pytest.approx(rows["cheap"][1]["train_loss"], rel=1e-6)  # other codes

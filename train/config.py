@@ -26,6 +26,8 @@ class TrainConfig:
     de: int | None = None  # QINCo2 embedding width (None: d)
     A: int = 0  # candidates pre-selected per beam (0: none; > 0 gives the steps pre-selection codebooks)
     B: int = 1  # beam width (1: greedy)
+    train_A: int | None = None  # the search of the training step, when cheaper than the model's (None: A, B)
+    train_B: int | None = None
     init: str = "default"  # or "rq-exact": the untrained model is exactly the RQ
     K: int = 256
     M: int = 8
@@ -54,6 +56,13 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+
+    def training_model(self, d: int):
+        """The QincoConfig of the training step's search: the model's, with --train-A / --train-B."""
+        mcfg = self.model(d)
+        if self.train_A is None and self.train_B is None:
+            return mcfg
+        return dataclasses.replace(mcfg, A=self.train_A or mcfg.A, B=self.train_B or mcfg.B)
 
     def model(self, d: int):
         from qinco_jax import QincoConfig
@@ -93,6 +102,13 @@ class TrainConfig:
         integer("de", 1, 65536, optional=True)
         integer("B", 1)
         integer("A", 0)
+        integer("train_A", 1, optional=True)
+        integer("train_B", 1, optional=True)
+        for name in ("train_A", "train_B"):
+            need(getattr(self, name) is None or self.variant == "qinco2", name, "is a QINCo2 option (--model qinco2-*)")
+        if isinstance(self.train_A, int) and isinstance(self.A, int):
+            need(self.A > 0, "train_A", "needs a model with pre-selection (--A > 0)")
+            need(self.train_A <= self.K, "train_A", f"must be at most --K {self.K}")
         if isinstance(self.A, int) and isinstance(self.K, int):
             need(self.A <= self.K, "A", f"must be at most --K {self.K} (candidates among the K codes)")
             need(self.A == 0 or self.variant == "qinco2", "A", "pre-selection needs a QINCo2 model (--model qinco2-*)")

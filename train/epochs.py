@@ -77,7 +77,8 @@ def train_epoch(cfg: TrainConfig, mcfg: qj.QincoConfig, state, xt, epoch: int, l
     (counted over all devices) are reset at its end (spec 3.6).
     """
     v2 = mcfg.variant == "qinco2"
-    step, n_local = training.train_step(mcfg, stats=v2), jax.local_device_count()
+    # the step searches codes with --train-A / --train-B where given (the model keeps its own search)
+    step, n_local = training.train_step(cfg.training_model(mcfg.d), stats=v2), jax.local_device_count()
     dev_state = training.replicate(state)
     nt = xt.shape[0]
     nbatch = -(-nt // cfg.batch_size)

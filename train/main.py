@@ -62,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dh", dest="h", type=int, help="QINCo2 hidden width, the same as --h " + _default("h"))
     g.add_argument("--A", type=int, help="candidates pre-selected per beam, 0 for none " + _default("A"))
     g.add_argument("--B", type=int, help="beam width, 1 for greedy " + _default("B"))
+    g.add_argument("--train-A", dest="train_A", type=int, help="QINCo2: candidates of the training step's search, "
+                   "when it should be cheaper than the model's (encoding and validation keep --A) (default: --A)")
+    g.add_argument("--train-B", dest="train_B", type=int, help="QINCo2: beam of the training step's search "
+                   "(default: --B)")
     g.add_argument("--init", help="default, or rq-exact: the untrained model reproduces the RQ exactly " + _default("init"))
     g.add_argument("--ivf", type=int, metavar="NLIST",
                    help="IVF-QINCo: step 0 is a frozen table of NLIST faiss k-means centroids of the training set "

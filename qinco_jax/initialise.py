@@ -159,12 +159,18 @@ def mean_std(xt) -> Norm:
     return Norm(mean.astype(np.float32), std)
 
 
-INITS = ("default", "rq-exact")
+INITS = ("original", "rq-exact")
+INIT_ALIASES = {"default": "original"}  # the original init's name before rq-exact became the training default
+
+
+def init_name(init: str) -> str:
+    """The init's name, with the old alias "default" read as "original"."""
+    return INIT_ALIASES.get(init, init) if isinstance(init, str) else init
 CODEBOOK_NOISE = 0.1  # QINCo2's codebook_noise_init
 
 
 def init_codec(cfg: QincoConfig, xt, *, seed: int = 0, rq_beam_size: int = 1, scale: float | None = None,
-               init: str = "default", centroids=None, rq_nt: int = RQ_NT) -> Codec:
+               init: str = "original", centroids=None, rq_nt: int = RQ_NT) -> Codec:
     """A codec initialised as the originals: RQ codebooks trained on xt (raw units) and random layers.
 
     QINCo v1: codebooks divided by the data scale, torch-default linear layers. QINCo2: inputs
@@ -181,13 +187,14 @@ def init_codec(cfg: QincoConfig, xt, *, seed: int = 0, rq_beam_size: int = 1, sc
       seed: seed of the random layers, of the codebook noise, of the RQ training sample (and of the IVF k-means).
       rq_beam_size: beam size of the faiss ResidualQuantizer that initialises the codebooks.
       scale: QINCo v1 data scale; default xt.max() as in the original (over all of xt).
-      init: "default" (the originals') or "rq-exact".
+      init: "original" (the originals'; "default" is an old name for it) or "rq-exact".
       centroids: IVF centroids in raw units (IVF only).
       rq_nt: the RQ (and the IVF k-means) train on all of xt when it holds at most rq_nt vectors
         (the original's case, 500k by default), else on a fixed random sample of rq_nt of them.
     """
     from qinco_jax import data, faiss_ops
 
+    init = init_name(init)
     if init not in INITS:
         raise checks.QincoInputError(f"init must be one of {INITS}, got {init!r}")
     xt = checks.vectors(xt, cfg.d, "training vectors")
@@ -221,7 +228,7 @@ def init_codec(cfg: QincoConfig, xt, *, seed: int = 0, rq_beam_size: int = 1, sc
     if norm.shift is not None and not cfg.nlist:  # steps after IVF work on residuals: no mean there
         codebooks[0] -= norm.shift
     codebooks = codebooks / np.float32(norm.scale)
-    if cfg.variant == "qinco2" and init == "default":
+    if cfg.variant == "qinco2" and init == "original":
         rng = np.random.default_rng(seed)
         noise = rng.standard_normal(codebooks.shape).astype(np.float32)
         codebooks = codebooks + noise * codebooks.std(axis=(1, 2), keepdims=True) * np.float32(CODEBOOK_NOISE)

@@ -87,7 +87,7 @@ BAD_FLAGS = [
     (["--seed", "-1"], "--seed -1"), (["--rq-beam-size", "0"], "--rq-beam-size 0"),
     (["--num-processes", "2", "--process-id", "2"], "--process-id 2"), (["--db", "x.fvecs"], "only used with --train"),
     (["--dataset", "sift1M", "--train", "x.fvecs"], "either --dataset or --train"),
-    (["--init", "rq_exact"], "--init 'rq_exact': must be one of ('default', 'rq-exact')"),
+    (["--init", "rq_exact"], "--init 'rq_exact': must be one of ('original', 'rq-exact')"),
     (["--train-A", "4"], "--train-A 4: is a QINCo2 option (--model qinco2-*)"),
     (["--model", "qinco2-S", "--A", "0", "--train-A", "4"], "--train-A 4: needs a model with pre-selection (--A > 0)"),
 ]
@@ -159,7 +159,29 @@ def test_rq_exact_learning_rate_rule(tmp_path):
     from train.config import RQ_EXACT_V1_LR
 
     base = ["--train", "x.fvecs", "--workdir", str(tmp_path / "w")]
-    assert train_main.config_from_args(base).lr == 1e-3
+    assert train_main.config_from_args(base + ["--init", "original"]).lr == 1e-3
     assert train_main.config_from_args(base + ["--init", "rq-exact"]).lr == RQ_EXACT_V1_LR
     assert train_main.config_from_args(base + ["--init", "rq-exact", "--lr", "2e-3"]).lr == 2e-3
     assert train_main.config_from_args(base + ["--init", "rq-exact", "--model", "qinco2-S"]).lr == 8e-4
+
+
+def test_init_defaults_and_old_name(tmp_path):
+    """On real data the command line starts from the exact RQ (lr 3e-4 for QINCo v1); the built-in demo keeps
+    the originals' init; "default", the original init's old name, still reads as "original", also in a run
+    saved under it (which then continues)."""
+    import json
+
+    import qinco_jax as qj
+    from train.config import INITS, RQ_EXACT_V1_LR
+
+    assert INITS == qj.initialise.INITS
+    real = train_main.config_from_args(["--train", "x.fvecs", "--workdir", str(tmp_path / "a")])
+    assert (real.init, real.lr) == ("rq-exact", RQ_EXACT_V1_LR)
+    assert train_main.config_from_args(["--workdir", str(tmp_path / "b")]).init == "original"
+    old = train_main.config_from_args(["--train", "x.fvecs", "--init", "default", "--workdir", str(tmp_path / "c")])
+    assert (old.init, old.lr) == ("original", 1e-3)
+    (tmp_path / "d").mkdir()
+    saved = {**old.to_dict(), "init": "default", "workdir": str(tmp_path / "d")}
+    (tmp_path / "d" / "config.json").write_text(json.dumps(saved))
+    again = train_main.config_from_args(["--train", "x.fvecs", "--init", "original", "--workdir", str(tmp_path / "d")])
+    assert again.init == "original" and again.resume

@@ -28,7 +28,7 @@ class TrainConfig:
     B: int = 1  # beam width (1: greedy)
     train_A: int | None = None  # the search of the training step, when cheaper than the model's (None: A, B)
     train_B: int | None = None
-    init: str = "default"  # or "rq-exact": the untrained model is exactly the RQ
+    init: str = "original"  # or "rq-exact" (the command line's default on real data): the untrained model is the RQ
     K: int = 256
     M: int = 8
     L: int = 2
@@ -98,7 +98,7 @@ class TrainConfig:
         integer("ivf", 0)
         need(self.preset is None or self.preset in MODEL_PRESETS, "preset", f"must be one of {sorted(MODEL_PRESETS)}")
         need(self.variant in ("qinco1", "qinco2"), "variant", "must be qinco1 or qinco2")
-        need(self.init in INITS, "init", f"must be one of {INITS}")
+        need(init_name(self.init) in INITS, "init", f"must be one of {INITS}")
         integer("de", 1, 65536, optional=True)
         integer("B", 1)
         integer("A", 0)
@@ -142,7 +142,7 @@ def short_value(v) -> str:
 
 
 # The built-in demo: synthetic 32-d data, sized to train in a few minutes on a 2-core laptop.
-DEMO = dict(dataset="synthetic", K=64, M=4, L=2, h=64, lr=1e-3, epochs=100, workdir="runs/demo")
+DEMO = dict(dataset="synthetic", K=64, M=4, L=2, h=64, lr=1e-3, epochs=100, workdir="runs/demo", init="original")
 
 
 # Architecture presets of the QINCo2 code (its config/model_args/*.yaml), as TrainConfig fields; d
@@ -153,7 +153,18 @@ MODEL_PRESETS = {
     "qinco2-M": dict(variant="qinco2", L=4, de=384, h=384, A=16, B=32, M=8, K=256, lr=8e-4),
     "qinco2-L": dict(variant="qinco2", L=16, de=384, h=384, A=16, B=32, M=8, K=256, lr=8e-4),
 }
-INITS = ("default", "rq-exact")
+INITS = ("original", "rq-exact")  # as qinco_jax.initialise.INITS (not imported here: --help runs without JAX)
+INIT_ALIASES = {"default": "original"}  # the original init's name before rq-exact became the default on real data
+
+
+def init_name(init):
+    """The init's name, with the old alias "default" read as "original"."""
+    return INIT_ALIASES.get(init, init) if isinstance(init, str) else init
+
+
+
+# The command line's choices on real data where they differ from TrainConfig's (README, "Which init is the default")
+REAL_DEFAULTS = dict(init="rq-exact")
 RQ_EXACT_V1_LR = 3e-4  # QINCo v1 from the exact RQ start: 1e-3 first moves it uphill (README, "Training")
 
 

@@ -23,7 +23,8 @@ import sys
 if __package__ in (None, ""):  # `python train/main.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.config import DEMO, MODEL_PRESETS, RQ_EXACT_V1_LR, TrainConfig, flag, preset_fields  # noqa: E402
+from train.config import (DEMO, MODEL_PRESETS, REAL_DEFAULTS, RQ_EXACT_V1_LR, TrainConfig, flag, init_name,  # noqa: E402
+                          preset_fields)
 
 _REAL = TrainConfig()
 
@@ -66,7 +67,9 @@ def parser() -> argparse.ArgumentParser:
                    "when it should be cheaper than the model's (encoding and validation keep --A) (default: --A)")
     g.add_argument("--train-B", dest="train_B", type=int, help="QINCo2: beam of the training step's search "
                    "(default: --B)")
-    g.add_argument("--init", help="default, or rq-exact: the untrained model reproduces the RQ exactly " + _default("init"))
+    g.add_argument("--init", help="rq-exact (the untrained model is exactly the RQ it starts from, and every weight "
+                   "gets a gradient) or original (the originals' random step networks; 'default' is its old name) "
+                   + _default("init", real=REAL_DEFAULTS["init"]))
     g.add_argument("--ivf", type=int, metavar="NLIST",
                    help="IVF-QINCo: step 0 is a frozen table of NLIST faiss k-means centroids of the training set "
                         "(default: 0, plain QINCo)")
@@ -78,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
                    help="PQ-QINCo: a faiss OPQ rotation before the split (default: off)")
     g = ap.add_argument_group("recipe")
     g.add_argument("--lr", type=float, help="Adam learning rate " + _default("lr")[:-1]
-                   + f"; {RQ_EXACT_V1_LR:g} for QINCo v1 with --init rq-exact)")
+                   + f"; {RQ_EXACT_V1_LR:g} for QINCo v1 from the rq-exact start, the default on real data)")
     g.add_argument("--batch-size", type=int, help="global batch, a multiple of the device count " + _default("batch_size"))
     g.add_argument("--epochs", type=int, help="maximum number of epochs " + _default("epochs"))
     g.add_argument("--seed", type=int, help="seed of the initialisation and the batch order " + _default("seed"))
@@ -129,6 +132,8 @@ def saved_config(workdir: str) -> dict | None:
     if not isinstance(saved, dict) or set(saved) - fields:
         fail(f"{path} is not a training run's config (unknown fields {sorted(set(saved) - fields)[:3]}); "
              f"move or delete {workdir} to start a new run there")
+    if "init" in saved:  # runs saved before "original" was named so call it "default"
+        saved["init"] = init_name(saved["init"])
     return saved
 
 
@@ -158,6 +163,8 @@ def config_from_args(argv=None) -> TrainConfig:
     """
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     args = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None and k in fields}
+    if "init" in args:
+        args["init"] = init_name(args["init"])
     real_data = args.get("train") or args.get("dataset", "synthetic") != "synthetic"
     workdir = args.get("workdir", _REAL.workdir if real_data and not args.get("resume") else DEMO["workdir"])
     saved = saved_config(workdir)
@@ -172,9 +179,11 @@ def config_from_args(argv=None) -> TrainConfig:
         return checked(TrainConfig(**{**saved, **{k: v for k, v in args.items() if k in RESUMABLE}, "workdir": workdir}))
     preset = preset_fields(args["preset"]) if args.get("preset") else {}
     start = {}
-    if args.get("init") == "rq-exact" and "lr" not in args and preset.get("variant", "qinco1") != "qinco2":
+    base = REAL_DEFAULTS if real_data else DEMO
+    init = args.get("init", base.get("init", TrainConfig.init))
+    if init == "rq-exact" and "lr" not in args and preset.get("variant", "qinco1") != "qinco2":
         start["lr"] = RQ_EXACT_V1_LR  # measured: 1e-3 climbs away from the exact RQ start (README, "Training")
-    cfg = checked(TrainConfig(**{**({} if real_data else DEMO), **preset, **start, **args}))
+    cfg = checked(TrainConfig(**{**base, **preset, **start, **args}))
     if saved is None:
         return cfg
     clash = _differences(saved, cfg.to_dict())

@@ -57,10 +57,8 @@ def _annihilator(up: np.ndarray, down: np.ndarray, rng: np.random.Generator) -> 
     basis[np.arange(half_e) + half_e, np.arange(half_e)] = -(2**-0.5)
     r = np.linalg.qr(rng.standard_normal((half_h, half_e)))[0].T  # (e/2, h/2), orthonormal rows
     u = basis @ r
-    up[:, :half_h], up[:, half_h : 2 * half_h] = u, -u
-    down[:half_h], down[half_h : 2 * half_h] = -u.T, u.T
-    up[:, 2 * half_h :] = 0  # odd h: the last unit is unused at the start
-    down[2 * half_h :] = 0
+    up[:, :half_h], up[:, half_h:] = u, -u
+    down[:half_h], down[half_h:] = -u.T, u.T
 
 
 def mirror_possible(cfg: QincoConfig) -> bool:
@@ -166,6 +164,8 @@ INIT_ALIASES = {"default": "original"}  # the original init's name before rq-exa
 def init_name(init: str) -> str:
     """The init's name, with the old alias "default" read as "original"."""
     return INIT_ALIASES.get(init, init) if isinstance(init, str) else init
+
+
 CODEBOOK_NOISE = 0.1  # QINCo2's codebook_noise_init
 
 

@@ -172,9 +172,9 @@ def test_init_defaults_and_old_name(tmp_path):
     import json
 
     import qinco_jax as qj
-    from train.config import INITS, RQ_EXACT_V1_LR
+    from train.config import INIT_ALIASES, INITS, RQ_EXACT_V1_LR
 
-    assert INITS == qj.initialise.INITS
+    assert (INITS, INIT_ALIASES) == (qj.initialise.INITS, qj.initialise.INIT_ALIASES)  # the two copies agree
     real = train_main.config_from_args(["--train", "x.fvecs", "--workdir", str(tmp_path / "a")])
     assert (real.init, real.lr) == ("rq-exact", RQ_EXACT_V1_LR)
     assert train_main.config_from_args(["--workdir", str(tmp_path / "b")]).init == "original"

@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 1024  # global batch, split over all devices of all processes
     epochs: int = 1000
     seed: int = 1234
-    rq_beam_size: int | None = None  # None: 1, or the better of 1 and B for --init rq-exact with B > 1
+    rq_beam_size: int | None = None  # None: 1, or the better of 1 and min(B, 8) for --init rq-exact with B > 1
     baseline_nt: int = 100_000  # the end-of-run faiss RQ baselines train on at most this many vectors (0: none)
     rq_nt: int = 1_000_000  # the RQ initialisation trains on at most this many training vectors (as QINCo2)
     persistent_adam: bool = False  # the original re-creates Adam every epoch

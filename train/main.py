@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="maximum number of epochs " + _default("epochs"))
     g.add_argument("--seed", type=int, help="seed of the initialisation and the batch order " + _default("seed"))
     g.add_argument("--rq-beam-size", type=int, help="beam of the RQ that initialises the codebooks (default: 1; "
-                   "with --init rq-exact and --B > 1, the better on validation of 1 and B)")
+                   "with --init rq-exact and --B > 1, the better on validation of 1 and min(B, 8))")
     g.add_argument("--baseline-nt", type=int, help="the end-of-run faiss RQ baselines (beam 1 and 5) train on a "
                    "sample of at most this many training vectors; 0 skips them " + _default("baseline_nt"))
     g.add_argument("--rq-nt", type=int, help="the RQ initialisation trains on a fixed random sample of at most this "

@@ -262,3 +262,17 @@ def test_decode_groups_give_the_same_results(ivf_pipeline, monkeypatch, min_deco
         np.testing.assert_array_equal(res.I, ref.I)
         np.testing.assert_array_equal(res.D, ref.D)
         np.testing.assert_array_equal(res.I_short, ref.I_short)
+
+
+@pytest.mark.parametrize("dtype,M", [(np.uint8, 5), (np.uint8, 8), (np.uint16, 3)])
+def test_packed_codes_read_back(dtype, M):
+    """The scan's packed words give back every step code, the largest ones (top bit set) included."""
+    rng = np.random.default_rng(3)
+    top = np.iinfo(dtype).max
+    codes = rng.integers(0, top + 1, (50, M)).astype(dtype)
+    codes[0], codes[1] = top, 0
+    words = SC.pack_codes(codes)
+    per = 4 // np.dtype(dtype).itemsize
+    assert words.dtype == np.uint32 and words.shape == (50, -(-M // per))
+    back = np.stack([np.asarray(SC._code(words, m, per)) for m in range(M)], -1)
+    np.testing.assert_array_equal(back, codes.astype(np.int32))

@@ -11,13 +11,16 @@ The term is stored as float32, or as one byte per vector on a per-list uniform g
 Per query batch: the queries are sorted by the number of codes they scan and cut into sub-batches of QB; each
 sub-batch is padded to a length from a fixed geometric ladder (`bucket`), so that jit compiles once per length.
 Inside jit, the probed lists of a query are laid end to end in one candidate range: for candidate j, the probe p
-it falls in (searchsorted over the cumulative list lengths) gives its row in the CSR codes; the M look-ups,
+it falls in (a running sum of marks at the probes' starts) gives its row in the CSR codes; the M look-ups,
 the term and the per-list scalar give its distance, and lax.top_k the nshort nearest with their ids and full
-codes (list id first for IVF). Everything runs on JAX's default device (an accelerator when there is one).
+codes (list id first for IVF). The step codes are read packed, four uint8 (two uint16) codes to a uint32 word:
+one gather per word instead of one per code (30% less time per code on CPU). Everything runs on JAX's default
+device (an accelerator when there is one).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -39,6 +42,10 @@ TERMS = ("float32", "uint8")
 QB = 64  # queries per jitted sub-batch; half as many when they scan more than LONG codes each (measured faster:
 LONG = 1024  # eval/bench_scan.py, README)
 MAX_K = 65536
+# sub-batches are dispatched from this many threads, alternately; on a CPU each thread waits for its sub-batch
+# before the next, so that the scans run side by side on the cores (XLA runs one scan on about one core):
+# 10-35% less time on 2 cores at nprobe 1 to 64 than one thread dispatching them all
+STREAMS = 2
 
 
 def bucket(n: int, lo: int = 128) -> int:
@@ -246,13 +253,31 @@ def check_lists(lists: ScanLists, db_codes, tables: np.ndarray, centroids: np.nd
                                   f"{rows.size} sampled vectors; {fix}")
 
 
-@functools.lru_cache(maxsize=256)
-def _kernel(S: int, nshort: int, quant: bool, ivf: bool):
-    """Scan QB queries over S padded candidates: (dist (QB, nshort), ids, full codes (QB, nshort, ncol) int32)."""
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """(n, M) uint8/uint16 step codes as (n, ceil(M / per)) uint32 words, per = 4 (uint8) or 2 (uint16), little
+    end first: the scan reads one word for several codes (30% less time per code than a gather per code)."""
+    codes = np.ascontiguousarray(codes)
+    n, M = codes.shape
+    per = 4 // codes.dtype.itemsize
+    W = -(-M // per)
+    padded = np.zeros((n, W * per), codes.dtype)
+    padded[:, :M] = codes
+    return padded.view("<u4").reshape(n, W)
 
-    def run(xq, Iq, Dq, step_q, T2, codes, term, offsets, counts, ids):
+
+def _code(words, m: int, per: int):
+    """Step code m (...,) int32 of packed words (..., W) uint32 (jnp)."""
+    bits = 32 // per
+    return ((words[..., m // per] >> (bits * (m % per))) & ((1 << bits) - 1)).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel(S: int, nshort: int, quant: bool, ivf: bool, M: int, per: int):
+    """Scan QB queries over S padded candidates, M codes packed per uint32 words:
+    (dist (QB, nshort), ids, full codes (QB, nshort, ncol) int32)."""
+
+    def run(xq, Iq, Dq, step_q, T2, words, term, offsets, counts, ids):
         nq, P = Iq.shape
-        M = codes.shape[1]
         K = T2.shape[0] // M
         ln = counts[Iq]
         cum = jnp.cumsum(ln, axis=1)
@@ -266,10 +291,10 @@ def _kernel(S: int, nshort: int, quant: bool, ivf: bool):
         # the row in the CSR arrays: the position plus its probe's (list offset - start in the padded row)
         rows = jnp.where(valid, j[None, :] + jnp.take_along_axis(offsets[Iq] - start, p, 1), 0)
         lut = jnp.dot(xq, T2.T, precision=jax.lax.Precision.HIGHEST).reshape(nq, M, K)
-        c = codes[rows].astype(jnp.int32)  # (nq, S, M)
-        acc = jnp.take_along_axis(lut[:, 0, :], c[:, :, 0], axis=1)
-        for m in range(1, M):
-            acc = acc + jnp.take_along_axis(lut[:, m, :], c[:, :, m], axis=1)
+        w = words[rows]  # (nq, S, W) uint32: `per` codes to a word
+        acc = 0.0
+        for m in range(M):
+            acc = acc + jnp.take_along_axis(lut[:, m, :], _code(w, m, per), axis=1)
         t = term[rows]
         if quant:
             t = t.astype(jnp.float32) * jnp.take_along_axis(step_q, p, 1)
@@ -277,7 +302,8 @@ def _kernel(S: int, nshort: int, quant: bool, ivf: bool):
         neg, i = jax.lax.top_k(-dist, nshort)
         sel = jnp.take_along_axis(rows, i, 1)
         ok = jnp.isfinite(neg)
-        full = codes[sel].astype(jnp.int32)
+        ws = words[sel]
+        full = jnp.stack([_code(ws, m, per) for m in range(M)], -1)
         if ivf:
             lst = jnp.take_along_axis(Iq, jnp.take_along_axis(p, i, 1), 1)
             full = jnp.concatenate([lst[..., None], full], axis=-1)
@@ -297,11 +323,14 @@ class Scanner:
                                   f"the tables (M={M}, K={K})")
         self.lists, self.ivf, self.M, self.K, self.d = lists, ivf, M, K, d
         self.quant = lists.term.dtype == np.uint8
-        put = functools.partial(jax.device_put, device=device or jax.devices()[0])
+        device = device or jax.devices()[0]
+        self.on_cpu, self._pool = device.platform == "cpu", None
+        put = functools.partial(jax.device_put, device=device)
         # one extra, empty list at the end: the probes a coarse search leaves unfilled (id -1) read it
         self.counts_np = np.append(lists.counts, 0).astype(np.int32)
         self.T2 = put(tables.reshape(M * K, d))
-        self.codes, self.term = put(lists.codes), put(lists.term)
+        self.per = 4 // lists.codes.dtype.itemsize  # codes per uint32 word
+        self.words, self.term = put(pack_codes(lists.codes)), put(lists.term)
         self.ids = put(lists.ids.astype(np.int32 if lists.ids.shape[0] < 2**31 else np.int64))
         self.offsets = put(np.append(lists.offsets[:-1], 0).astype(np.int32))
         self.counts = put(self.counts_np)
@@ -321,7 +350,8 @@ class Scanner:
     def scan(self, xq: np.ndarray, Iq: np.ndarray, Dq: np.ndarray, nshort: int, qb: int | None = None) -> list:
         """Dispatch the scan of the queries xq (nq, d) with their coarse results Iq, Dq (nq, nprobe).
 
-        Returns the sub-batches [(rows, n, (dist, ids, codes))], not waited for: rows (qb,) the query rows of
+        Returns the sub-batches [(rows, n, (dist, ids, codes))], not waited for on an accelerator (on a CPU
+        they are done, see STREAMS): rows (qb,) the query rows of
         the sub-batch (its first n distinct, the rest repeating the last to fill it), and device arrays of
         qb rows: the nshort nearest distances, database ids (-1 past the candidates) and full codes (int32,
         the list id first for IVF)."""
@@ -329,13 +359,27 @@ class Scanner:
         tot = counts.sum(1)
         order = np.argsort(tot, kind="stable")
         qb = qb or (QB if tot.size == 0 or tot.mean() <= LONG else QB // 2)
-        out = []
+        jobs = []
         for s in range(0, len(order), qb):
             sel = order[s:s + qb]
             rows = np.concatenate([sel, np.repeat(sel[-1:], qb - len(sel))]) if len(sel) < qb else sel
-            S = max(bucket(int(tot[rows].max())), bucket(nshort))
-            fn = _kernel(S, nshort, self.quant, self.ivf)
-            res = fn(xq[rows], Iq32[rows], Dq[rows], step[rows], self.T2, self.codes, self.term, self.offsets,
-                     self.counts, self.ids)
-            out.append((rows, len(sel), res))
+            jobs.append((rows, len(sel), max(bucket(int(tot[rows].max())), bucket(nshort))))
+
+        def dispatch(part):
+            out = []
+            for rows, n, S in part:
+                fn = _kernel(S, nshort, self.quant, self.ivf, self.M, self.per)
+                res = fn(xq[rows], Iq32[rows], Dq[rows], step[rows], self.T2, self.words, self.term, self.offsets,
+                         self.counts, self.ids)
+                out.append((rows, n, jax.block_until_ready(res) if self.on_cpu else res))
+            return out
+
+        if len(jobs) < 2 or STREAMS < 2:
+            return dispatch(jobs)
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(STREAMS, thread_name_prefix="qinco-scan")
+        done = [f.result() for f in [self._pool.submit(dispatch, jobs[i::STREAMS]) for i in range(STREAMS)]]
+        out = [None] * len(jobs)
+        for i, part in enumerate(done):
+            out[i::STREAMS] = part
         return out

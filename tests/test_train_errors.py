@@ -185,3 +185,30 @@ def test_init_defaults_and_old_name(tmp_path):
     (tmp_path / "d" / "config.json").write_text(json.dumps(saved))
     again = train_main.config_from_args(["--train", "x.fvecs", "--init", "original", "--workdir", str(tmp_path / "d")])
     assert again.init == "original" and again.resume
+
+
+def test_training_search_default_on_real_data(tmp_path):
+    """QINCo2 on real data trains with at most A 8, B 8 unless --train-A or --train-B is given (the codec keeps its
+    own search); the demo, QINCo v1, searches already that cheap, and runs saved before the rule keep theirs."""
+    import json
+
+    def cfg(*flags, real=True, name="w"):
+        data = ["--train", "x.fvecs"] if real else []
+        return train_main.config_from_args([*data, *flags, "--workdir", str(tmp_path / name)])
+
+    q2 = cfg("--model", "qinco2-S")
+    assert (q2.A, q2.B, q2.train_A, q2.train_B) == (16, 32, 8, 8)
+    assert (cfg("--model", "qinco2-S", real=False).train_A, cfg("--model", "qinco2-S", real=False).train_B) == (None, None)
+    assert (cfg("--model", "qinco2-S", "--train-A", "16", "--train-B", "32").train_A,) == (16,)
+    only_b = cfg("--model", "qinco2-S", "--train-B", "16")
+    assert (only_b.train_A, only_b.train_B) == (None, 16)  # one flag given: the other is the model's
+    small = cfg("--model", "qinco2-S", "--A", "4", "--B", "8")
+    assert (small.train_A, small.train_B) == (None, None)
+    no_pre = cfg("--model", "qinco2-S", "--A", "0", "--B", "16")
+    assert (no_pre.train_A, no_pre.train_B) == (None, 8)
+    assert (cfg().train_A, cfg().train_B) == (None, None)  # QINCo v1
+    (tmp_path / "old").mkdir()
+    saved = {**q2.to_dict(), "train_A": None, "train_B": None, "workdir": str(tmp_path / "old")}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    again = cfg("--model", "qinco2-S", name="old")
+    assert again.resume and (again.train_A, again.train_B) == (None, None)

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # `python train/main.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.config import (DEMO, MODEL_PRESETS, REAL_DEFAULTS, RQ_EXACT_V1_LR, TrainConfig, flag, init_name,  # noqa: E402
-                          preset_fields)
+                          preset_fields, training_search)
 
 _REAL = TrainConfig()
 
@@ -64,9 +64,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--A", type=int, help="candidates pre-selected per beam, 0 for none " + _default("A"))
     g.add_argument("--B", type=int, help="beam width, 1 for greedy " + _default("B"))
     g.add_argument("--train-A", dest="train_A", type=int, help="QINCo2: candidates of the training step's search, "
-                   "when it should be cheaper than the model's (encoding and validation keep --A) (default: --A)")
+                   "when it should be cheaper than the model's (encoding and validation keep --A) (default: min(--A, 8) on "
+                   "real data, --A on the synthetic demo)")
     g.add_argument("--train-B", dest="train_B", type=int, help="QINCo2: beam of the training step's search "
-                   "(default: --B)")
+                   "(default: min(--B, 8) on real data, --B on the synthetic demo; give both flags the model's "
+                   "values for the official recipe's search)")
     g.add_argument("--init", help="rq-exact (the untrained model is exactly the RQ it starts from, and every weight "
                    "gets a gradient) or original (the originals' random step networks; 'default' is its old name) "
                    + _default("init", real=REAL_DEFAULTS["init"]))
@@ -183,6 +185,11 @@ def config_from_args(argv=None) -> TrainConfig:
     init = args.get("init", base.get("init", TrainConfig.init))
     if init == "rq-exact" and "lr" not in args and preset.get("variant", "qinco1") != "qinco2":
         start["lr"] = RQ_EXACT_V1_LR  # measured: 1e-3 climbs away from the exact RQ start (README, "Training")
+    older = saved is not None and saved.get("train_A") is None and saved.get("train_B") is None
+    if real_data and "train_A" not in args and "train_B" not in args and not older:
+        # measured better at a fixed budget (README, "Training search"); a run saved with the model's own search
+        # (as every run before this default) continues with it
+        start.update(training_search({**base, **preset, **args}))
     cfg = checked(TrainConfig(**{**base, **preset, **start, **args}))
     if saved is None:
         return cfg

@@ -98,8 +98,10 @@ def test_rq_exact_keeps_the_better_of_greedy_and_beam_trained_rq(tmp_path):
 def test_a_cheaper_training_search(tmp_path):
     """--train-A / --train-B: the training step searches with them, while the saved codec (its encoding and the
     validation) keeps the model's A, B."""
-    _train(tmp_path / "full", "--epochs", "1")
-    _train(tmp_path / "cheap", "--epochs", "1", "--train-A", "2", "--train-B", "1")
+    full = _train(tmp_path / "full", "--epochs", "1")
+    cheap = _train(tmp_path / "cheap", "--epochs", "1", "--train-A", "2", "--train-B", "1")
+    assert "the training step searches with A 2, B 1; the codec keeps A 4, B 3" in cheap.stdout + cheap.stderr
+    assert "the training step searches" not in full.stdout + full.stderr
     cfg = json.loads((tmp_path / "cheap" / "config.json").read_text())
     assert (cfg["A"], cfg["B"], cfg["train_A"], cfg["train_B"]) == (4, 3, 2, 1)
     codec = qj.load(tmp_path / "cheap")

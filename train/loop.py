@@ -98,6 +98,10 @@ def fresh_start(cfg: TrainConfig, ds: data.Dataset, log, centroids, workdir: str
     if len(starts) > 1:
         log(f"start: the RQ trained with beam {beam} (the lower validation MSE under the model's own search)")
     log(f"data scale {codec.scale:.6g}; {mcfg.num_params():,} trainable parameters")
+    tcfg = cfg.training_model(mcfg.d)
+    if (tcfg.A, tcfg.B) != (mcfg.A, mcfg.B):
+        log(f"the training step searches with A {tcfg.A}, B {tcfg.B}; the codec keeps A {mcfg.A}, B {mcfg.B} for "
+            "encoding and validation (--train-A / --train-B)")
     shift = None if codec.shift is None else [float(v) for v in codec.shift]
     meta = RunMeta(epoch=-1, scale=codec.scale, best_val=None, best_epoch=None, val0=val0, stopped=False, shift=shift,
                    initial_epoch=True)

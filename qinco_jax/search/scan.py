@@ -42,7 +42,7 @@ TERMS = ("float32", "uint8")
 QB = 64  # queries per jitted sub-batch; half as many when they scan more than LONG codes each (measured faster:
 LONG = 1024  # eval/bench_scan.py, README)
 MAX_K = 65536
-# sub-batches are dispatched from this many threads, alternately; on a CPU each thread waits for its sub-batch
+# on a CPU the sub-batches are dispatched from this many threads, alternately, each waiting for its sub-batch
 # before the next, so that the scans run side by side on the cores (XLA runs one scan on about one core):
 # 10-35% less time on 2 cores at nprobe 1 to 64 than one thread dispatching them all
 STREAMS = 2
@@ -374,7 +374,7 @@ class Scanner:
                 out.append((rows, n, jax.block_until_ready(res) if self.on_cpu else res))
             return out
 
-        if len(jobs) < 2 or STREAMS < 2:
+        if len(jobs) < 2 or STREAMS < 2 or not self.on_cpu:  # an accelerator queues them without threads
             return dispatch(jobs)
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(STREAMS, thread_name_prefix="qinco-scan")

@@ -169,3 +169,40 @@ def test_plot_rate_distortion(tmp_path):
     report.plot_rate_distortion({"RQ": ([1, 2, 3], [3.0, 2.0, 1.0]), "PQ": ([1, 2, 3], [3.5, None, 1.2])}, path, "test")
     data = path.read_bytes()
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_recalls_and_distortion(tmp_path):
+    """eval/paired.py: the paired recall difference, its standard error and the distortion of two decodings."""
+    from eval import paired
+
+    rng = np.random.default_rng(3)
+    xb = rng.normal(size=(400, 8)).astype(np.float32)
+    xq = rng.normal(size=(30, 8)).astype(np.float32)
+    gt = metrics.exact_groundtruth(xq, xb, k=20)
+    fine = xb + rng.normal(scale=0.05, size=xb.shape).astype(np.float32)
+    coarse = xb + rng.normal(scale=1.5, size=xb.shape).astype(np.float32)
+    res = paired.compare(xq, xb, gt, xb, coarse, ks=(1, 10), top=20)
+    for k, r in res["recalls"].items():
+        assert r["a"] == 1.0  # the exact database finds every true neighbour
+        assert r["b_only"] == 0 and (k > 1 or r["b"] < 1.0)
+        assert np.isclose(r["diff"], (r["b_only"] - r["a_only"]) / 30)
+        d = np.r_[np.full(r["a_only"], -1.0), np.zeros(30 - r["a_only"])]
+        assert np.isclose(r["se"], d.std(ddof=1) / np.sqrt(30))
+    assert res["distortion"]["a"]["nn_growth"] == 0 and res["distortion"]["a"]["spread"] == 0
+    assert res["distortion"]["b"]["spread"] > paired.compare(xq, xb, gt, fine, fine, top=20)["distortion"]["a"]["spread"] > 0
+    same = paired.compare(xq, xb, gt, fine, fine, ks=(1,), top=20)["recalls"][1]
+    assert same["diff"] == 0 and same["se"] == 0 and same["a_only"] == same["b_only"] == 0
+    with pytest.raises(QincoInputError, match="decoded database b has 399"):
+        paired.compare(xq, xb, gt, xb, xb[:399])
+    # the command line: files in, a clear error for a decoded file of the wrong dimension
+    np.save(tmp_path / "a.npy", xb)
+    np.save(tmp_path / "b.npy", coarse)
+    np.save(tmp_path / "bad.npy", coarse[:, :4])
+    for name, arr in (("db", xb), ("q", xq)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    np.save(tmp_path / "gt.npy", gt.astype(np.int32))
+    common = ["--db", str(tmp_path / "db.npy"), "--queries", str(tmp_path / "q.npy"), "--gt", str(tmp_path / "gt.npy"),
+              "--top", "20"]
+    assert paired.main([*common, str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["recalls"]["1"]["a"] == 1.0
+    assert paired.main([*common, str(tmp_path / "a.npy"), str(tmp_path / "bad.npy")]) == 2
